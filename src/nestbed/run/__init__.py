@@ -1,0 +1,1 @@
+"""Running tests in a testbed: dependencies, the in-testbed wrapper, verdicts."""

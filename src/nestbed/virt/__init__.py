@@ -1,0 +1,1 @@
+"""Virt servers: one executable per testbed kind, speaking the autopkgtest wire protocol."""
