@@ -1,0 +1,5 @@
+import sys
+
+from nestbed.cli import main
+
+sys.exit(main())

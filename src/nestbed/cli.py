@@ -1,0 +1,257 @@
+"""Command line: autopkgtest's options and argument order, mapped onto RunOptions."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from nestbed import errors
+from nestbed.log import DEBUG, INFO, QUIET, program_name
+from nestbed.run.options import DEFAULT_TIMEOUTS, PackageArg, RunOptions, Timeouts
+
+DESCRIPTION = """\
+Run the as-installed tests (DEP-8, debian/tests/control) of a Debian source package in a
+testbed, exactly as autopkgtest would: same options, result lines, summary file, output
+directory and exit codes.
+
+  nestbed [options] PACKAGE... -- VIRT-SERVER [virt-server options]
+
+PACKAGE is an unbuilt source tree (a directory with debian/control), or a built tree
+(debian/files exists, or only debian/tests/control). VIRT-SERVER is a testbed:
+  null      the host itself (nestbed-virt-null). As root, test dependencies are
+            INSTALLED ON THIS MACHINE with apt, and tests can change it: use null only
+            on a machine you can throw away.
+  NAME      any nestbed-virt-NAME on PATH
+  /PATH     any virt server program, e.g. /usr/bin/autopkgtest-virt-null
+
+Examples:
+  nestbed -B ./hello -- null                   run hello's tests on this host, no build
+  nestbed -o out --test-name smoke . -- null   one test, results in ./out
+  nestbed @args.txt                            read arguments from a file, one per line
+  nestbed image build --nested                 build a VM image (see nestbed image --help)
+"""
+
+EPILOG = """\
+Result lines (stdout and the summary file): "TEST-NAME  PASS|FAIL reason|SKIP reason|FLAKY reason".
+
+Exit status (as autopkgtest):
+  0   all tests passed
+  2   at least one test was skipped (or at least one flaky test failed)
+  4   at least one test failed
+  6   at least one test failed and at least one test skipped
+  8   no tests in this package, or all non-superficial tests were skipped
+  12  erroneous package (invalid control file, missing test, uninstallable dependencies)
+  14  erroneous package and at least one test skipped
+  16  testbed failure
+  20  other unexpected failures, including bad usage
+"""
+
+
+def expand_argfiles(argv: Sequence[str], depth: int = 0) -> list[str]:
+    """autopkgtest's @FILE: each line of FILE is one argument (stripped); files may nest."""
+    if depth > 10:
+        raise errors.UsageError("@argfiles nested too deeply")
+    out: list[str] = []
+    for arg in argv:
+        if arg.startswith("@") and len(arg) > 1:
+            try:
+                with open(arg[1:], encoding="UTF-8") as f:
+                    lines = [line.strip() for line in f]
+            except (OSError, UnicodeDecodeError) as e:
+                raise errors.UsageError(f"cannot read argument file {arg[1:]}: {e}") from e
+            out += expand_argfiles([line for line in lines if line], depth + 1)
+        else:
+            out.append(arg)
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line and map to autopkgtest's usage exit code."""
+
+    def error(self, message: str) -> NoReturn:
+        raise errors.UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _build_parser() -> _Parser:
+    p = _Parser(
+        prog=program_name(),
+        usage="%(prog)s [options] PACKAGE... -- VIRT-SERVER [virt-server options]",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
+    p.add_argument("packages", nargs="*", metavar="PACKAGE", help="source tree(s) to test")
+
+    g = p.add_argument_group("test selection")
+    g.add_argument(
+        "--test-name",
+        "--testname",
+        dest="only_tests",
+        action="append",
+        default=[],
+        metavar="TEST",
+        help="run only this test (repeatable)",
+    )
+    g.add_argument(
+        "--skip-test",
+        dest="skip_tests",
+        action="append",
+        default=[],
+        metavar="TEST",
+        help="do not run this test (repeatable)",
+    )
+    g.add_argument(
+        "-B",
+        "--no-built-binaries",
+        dest="built_binaries",
+        action="store_false",
+        default=True,
+        help="do not build the package; test with the archive's binaries",
+    )
+
+    g = p.add_argument_group("logging and results")
+    g.add_argument("-o", "--output-dir", metavar="DIR", help="write all results and logs to DIR")
+    g.add_argument("-l", "--log-file", dest="logfile", metavar="FILE", help="copy the log to FILE")
+    g.add_argument(
+        "--summary-file", "--summary", dest="summary", metavar="FILE", help="write result lines to FILE"
+    )
+    g.add_argument("--json", dest="json_file", metavar="FILE", help="write one JSON record per test")
+    g.add_argument("--junit", dest="junit_file", metavar="FILE", help="write JUnit XML (GitLab, Jenkins)")
+    g.add_argument(
+        "-q", "--quiet", dest="verbosity", action="store_const", const=QUIET, default=INFO,
+        help="print only results and errors",
+    )
+    g.add_argument(
+        "-d", "--debug", dest="verbosity", action="store_const", const=DEBUG,
+        help="print debugging output",
+    )
+
+    g = p.add_argument_group("test environment")
+    g.add_argument(
+        "--env", action="append", default=[], metavar="VAR=VALUE",
+        help="set an environment variable for tests (repeatable)",
+    )
+    g.add_argument("--set-lang", metavar="LANGVAL", help="set LANG for tests (default C.UTF-8)")
+    g.add_argument(
+        "--ignore-restrictions", action="append", default=[], metavar="R1,R2",
+        help="run tests even if these restrictions would skip them",
+    )
+    g.add_argument(
+        "-u", "--user", metavar="USER",
+        help="run tests without needs-root as USER (default: the testbed's suggested user)",
+    )
+    g.add_argument("--build-parallel", metavar="N", help="DEB_BUILD_OPTIONS parallel=N")
+
+    g = p.add_argument_group("timeouts (seconds)")
+    for kind, default in DEFAULT_TIMEOUTS.items():
+        g.add_argument(
+            f"--timeout-{kind}", type=int, metavar="T", dest=f"timeout_{kind}",
+            help=f"{kind} timeout (default {default})",
+        )
+    g.add_argument(
+        "--timeout-factor", type=float, default=1.0, metavar="FACTOR",
+        help="multiply all default timeouts by FACTOR",
+    )
+    p.add_argument("-h", "--help", action="help", help="show this help and exit")
+    return p
+
+
+def classify_package(arg: str, built_binaries: bool) -> PackageArg:
+    """Classify a positional argument in autopkgtest's order; unsupported kinds say so."""
+    if os.path.isfile(os.path.join(arg, "debian", "control")):
+        if os.path.exists(os.path.join(arg, "debian", "files")):
+            return PackageArg("built-tree", arg, False)
+        return PackageArg("unbuilt-tree", arg, built_binaries)
+    if os.path.isfile(os.path.join(arg, "debian", "tests", "control")):
+        return PackageArg("built-tree", arg, False)
+    if arg.endswith((".deb", ".dsc", ".changes")) and os.path.exists(arg):
+        raise errors.UsageError(f"{arg}: .deb/.dsc/.changes inputs are not supported yet")
+    if os.path.isdir(arg):
+        raise errors.UsageError(f"{arg} is not a valid test package: it has no debian/control")
+    if re.match(r"[0-9a-z][0-9a-z.+-]+$", arg) and not os.path.exists(arg):
+        raise errors.UsageError(
+            f"{arg} is not a directory; testing apt source packages by name is not supported yet"
+        )
+    raise errors.UsageError(f"{arg} is not a valid test package: no such directory")
+
+
+def _split_virt(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, None
+
+
+def parse_args(argv: Sequence[str]) -> RunOptions:
+    parser = _build_parser()
+    # expand @argfiles first, so a "--" inside one splits like on the command line
+    ours, virt = _split_virt(expand_argfiles(argv))
+    ns = parser.parse_args(ours)
+    if not virt:
+        parser.error("no testbed given: add -- VIRT-SERVER, e.g. '-- null'")
+    for e in ns.env:
+        if "=" not in e:
+            parser.error(f"--env must be VAR=value, got {e!r}")
+    env = list(ns.env)
+    if ns.set_lang:
+        env.append("LANG=" + ns.set_lang)
+    packages = ns.packages or ([os.curdir] if os.path.isfile("debian/control") else [])
+    if not packages:
+        parser.error("no package given: name a source tree (a directory with debian/)")
+    classified = tuple(classify_package(p, ns.built_binaries) for p in packages)
+    if ns.output_dir and os.path.isdir(ns.output_dir) and os.listdir(ns.output_dir):
+        raise errors.UsageError(f'--output-dir "{ns.output_dir}" is not empty')
+    timeouts = Timeouts(
+        **{
+            kind: (
+                getattr(ns, f"timeout_{kind}")
+                if getattr(ns, f"timeout_{kind}") is not None
+                else int(default * ns.timeout_factor)
+            )
+            for kind, default in DEFAULT_TIMEOUTS.items()
+        }
+    )
+    return RunOptions(
+        packages=classified,
+        virt_argv=tuple(virt),
+        only_tests=tuple(ns.only_tests),
+        skip_tests=tuple(ns.skip_tests),
+        output_dir=ns.output_dir,
+        logfile=ns.logfile,
+        summary_file=ns.summary,
+        verbosity=ns.verbosity,
+        env=tuple(env),
+        ignore_restrictions=frozenset(
+            r for item in ns.ignore_restrictions for r in item.split(",") if r
+        ),
+        user=ns.user,
+        timeouts=timeouts,
+        json_file=ns.json_file,
+        junit_file=ns.junit_file,
+        build_parallel=ns.build_parallel,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["image"]:
+        from nestbed.image.cli import main as image_main
+
+        return image_main(args[1:])
+    try:
+        options = parse_args(args)
+    except errors.NestbedError as e:
+        print(f"{program_name()}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    from nestbed.run.session import run
+
+    return run(options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

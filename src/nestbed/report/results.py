@@ -1,0 +1,67 @@
+"""Test verdicts and how they combine into autopkgtest's exit code."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from nestbed import errors
+
+
+class Verdict(enum.Enum):
+    PASS = "PASS"
+    FAIL = "FAIL"
+    SKIP = "SKIP"
+    FLAKY = "FLAKY"
+    BADPKG = "BADPKG"  # dependencies not installable: printed as "FAIL badpkg"
+
+
+@dataclass(frozen=True)
+class TestResult:
+    """What happened to one test; `line()` is the text autopkgtest prints after the name."""
+
+    name: str
+    verdict: Verdict
+    reason: str = ""
+    package: str = ""
+    superficial: bool = False
+    duration: float = 0.0
+    restrictions: tuple[str, ...] = ()
+    stdout: bytes = b""
+    stderr: bytes = b""
+
+    def text(self) -> str:
+        if self.verdict is Verdict.PASS:
+            return "PASS (superficial)" if self.superficial else "PASS"
+        if self.verdict is Verdict.BADPKG:
+            return "FAIL badpkg"
+        return f"{self.verdict.value} {self.reason}"
+
+
+@dataclass
+class ExitStatus:
+    """autopkgtest's exit code arithmetic: bits for skipped (2), failed (4), badpkg (12)."""
+
+    code: int = errors.EXIT_OK
+    any_positive: bool = False
+    results: list[TestResult] = field(default_factory=list)
+
+    def add(self, result: TestResult) -> None:
+        self.results.append(result)
+        if result.verdict in (Verdict.SKIP, Verdict.FLAKY):
+            self.code |= errors.EXIT_SKIPPED
+        elif result.verdict is Verdict.FAIL:
+            self.code |= errors.EXIT_FAILED
+        elif result.verdict is Verdict.BADPKG:
+            self.code |= errors.EXIT_BADPKG
+        elif not result.superficial:
+            # a superficial pass is neutral: it does not count as having tested anything
+            self.any_positive = True
+
+    def finish_package(self, had_tests: bool) -> None:
+        """After one package: no tests, or nothing positively tested, is exit 8 (autopkgtest)."""
+        if not had_tests or (
+            self.code in (errors.EXIT_OK, errors.EXIT_SKIPPED) and not self.any_positive
+        ):
+            self.code = errors.EXIT_NO_TESTS
+        self.any_positive = False

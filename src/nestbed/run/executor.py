@@ -1,0 +1,190 @@
+"""Running one test in the testbed: the script, streamed output, timeout, verdict."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO
+
+from nestbed.errors import TestbedFailure
+from nestbed.log import Console
+from nestbed.report.results import TestResult, Verdict
+from nestbed.spec.model import TestSpec
+from nestbed.testbed.client import Testbed
+
+# Time the testbed gets beyond --timeout-test to stop the test itself before we give up on it.
+KILL_GRACE = 30.0
+
+
+@dataclass(frozen=True)
+class TestRun:
+    """What the test did: exit status, its two output streams, and whether it ran out of time."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+    duration: float
+    wrapper_notes: str
+
+
+def decide(test: TestSpec, run: TestRun, package: str = "") -> TestResult:
+    """autopkgtest's verdict order: timeout; 77 + skippable; non-zero; stderr; pass.
+
+    A flaky test's failure is FLAKY, not FAIL.
+    """
+
+    def result(verdict: Verdict, reason: str = "") -> TestResult:
+        if verdict is Verdict.FAIL and test.has("flaky"):
+            verdict = Verdict.FLAKY
+        return TestResult(
+            name=test.name,
+            verdict=verdict,
+            reason=reason,
+            package=package,
+            superficial=test.has("superficial"),
+            duration=run.duration,
+            restrictions=tuple(sorted(test.restrictions)),
+            stdout=run.stdout,
+            stderr=run.stderr,
+        )
+
+    if run.timed_out:
+        return result(Verdict.FAIL, "timed out")
+    if run.returncode == 77 and test.has("skippable"):
+        return result(Verdict.SKIP, "exit status 77 and marked as skippable")
+    if run.returncode != 0:
+        return result(Verdict.FAIL, f"non-zero exit status {run.returncode}")
+    if run.stderr and not test.has("allow-stderr"):
+        first = run.stderr.decode("UTF-8", "replace").split("\n", 1)[0].rstrip("\n \t\r")
+        return result(Verdict.FAIL, f"stderr: {first}")
+    return result(Verdict.PASS)
+
+
+@dataclass(frozen=True)
+class TestEnvironment:
+    """Where a test runs in the testbed and as whom."""
+
+    tree: str  # the source tree in the testbed
+    scratch: str
+    wrapper: str  # path of wrapper.sh in the testbed
+    user: str | None  # normal user (None: none available; "" means root, as autopkgtest)
+    root_on_testbed: bool
+    nproc: str
+    extra_env: tuple[str, ...] = ()
+    build_parallel: str | None = None
+
+    def artifacts_dir(self, test: TestSpec) -> str:
+        return f"{self.scratch}/{test.name}-artifacts"
+
+    @property
+    def tmp_dir(self) -> str:
+        return f"{self.scratch}/autopkgtest_tmp"
+
+    def wrapper_log(self, test: TestSpec) -> str:
+        return f"{self.scratch}/{test.name}-wrapper.log"
+
+
+def test_script(test: TestSpec, env: TestEnvironment, timeout: int) -> str:
+    """The shell script that sets autopkgtest's documented environment and runs the test."""
+    q = shlex.quote
+    artifacts = env.artifacts_dir(test)
+    lines = [
+        "set -e",
+        "export USER=$(id -nu)",
+        ". /etc/profile >/dev/null 2>&1 || true",
+        ". ~/.profile >/dev/null 2>&1 || true",
+        f"mkdir -p -m 1777 -- {q(artifacts)}",
+        f"export AUTOPKGTEST_ARTIFACTS={q(artifacts)}",
+        'export ADT_ARTIFACTS="$AUTOPKGTEST_ARTIFACTS"',
+        f"mkdir -p -m 755 -- {q(env.tmp_dir)}",
+        f"export AUTOPKGTEST_TMP={q(env.tmp_dir)}",
+        'export ADTTMP="$AUTOPKGTEST_TMP"',
+        "export DEBIAN_FRONTEND=noninteractive",
+        "export LANG=C.UTF-8",
+        f"export DEB_BUILD_OPTIONS=parallel={q(env.build_parallel or env.nproc)}",
+        "unset LANGUAGE LC_CTYPE LC_NUMERIC LC_TIME LC_COLLATE LC_MONETARY LC_MESSAGES"
+        " LC_PAPER LC_NAME LC_ADDRESS LC_TELEPHONE LC_MEASUREMENT LC_IDENTIFICATION LC_ALL",
+        f"cd {q(env.tree)}",
+    ]
+    if test.has("needs-root") and env.user is not None:
+        lines.append(f"export AUTOPKGTEST_NORMAL_USER={q(env.user)}")
+        lines.append(f"export ADT_NORMAL_USER={q(env.user)}")
+    lines += [f"export {q(e)}" for e in env.extra_env]
+    if test.path is not None:
+        command = f"{env.tree}/{test.path}"
+        lines.append(f"chmod +x {q(command)}")
+        argv = [command]
+    else:
+        assert test.command is not None
+        argv = ["bash", "-ec", test.command]
+    wrapper = [env.wrapper, env.wrapper_log(test), str(timeout), *argv]
+    lines.append("exec " + " ".join(q(a) for a in wrapper))
+    return "; ".join(lines)
+
+
+def _run_as(test: TestSpec, env: TestEnvironment) -> list[str]:
+    """su gives tests a proper login session, as root or as the normal user."""
+    if not test.has("needs-root") and env.user:
+        return ["su", "-s", "/bin/bash", env.user, "-c"]
+    if env.root_on_testbed:
+        return ["su", "-s", "/bin/bash", "root", "-c"]
+    return ["bash", "-c"]
+
+
+def _pump(src: IO[bytes], sink: Callable[[bytes], None], store: bytearray) -> None:
+    while chunk := src.read1(65536):  # type: ignore[attr-defined]
+        store += chunk
+        sink(chunk)
+
+
+def run_test(testbed: Testbed, test: TestSpec, env: TestEnvironment, timeout: int,
+             console: Console) -> TestRun:
+    """Run the test, streaming its stdout and stderr to ours while recording each."""
+    argv = [*_run_as(test, env), test_script(test, env, timeout)]
+    started = time.monotonic()
+    proc = testbed.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = bytearray(), bytearray()
+    pumps = [
+        threading.Thread(target=_pump, args=(proc.stdout, console.write_stdout, out), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr, console.write_stderr, err), daemon=True),
+    ]
+    for t in pumps:
+        t.start()
+    hard_timeout = timeout + KILL_GRACE if timeout > 0 else None
+    stuck = False
+    try:
+        returncode = proc.wait(timeout=hard_timeout)
+    except subprocess.TimeoutExpired:
+        # the in-testbed timeout should have fired long ago: the testbed is not answering
+        stuck = True
+        _kill_group(proc)
+        returncode = proc.wait()
+    for t in pumps:
+        t.join(timeout=10)
+    duration = time.monotonic() - started
+    if returncode in (254, 255) and not stuck:
+        raise TestbedFailure(f"testbed failed while running test {test.name} (exit status {returncode})")
+    notes = _collect_wrapper_notes(testbed, test, env) if not stuck else ""
+    timed_out = stuck or "timed-out" in notes
+    return TestRun(returncode, bytes(out), bytes(err), timed_out, duration, notes)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass
+
+
+def _collect_wrapper_notes(testbed: Testbed, test: TestSpec, env: TestEnvironment) -> str:
+    log = shlex.quote(env.wrapper_log(test))
+    result = testbed.execute(["sh", "-c", f"cat {log} 2>/dev/null; rm -f {log}"], timeout=100)
+    return result.stdout.decode("UTF-8", "replace")

@@ -1,0 +1,53 @@
+"""The run as the user asked for it: every command-line choice, parsed and validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nestbed.log import INFO
+
+# autopkgtest's default timeouts in seconds (adt_testbed.timeouts)
+DEFAULT_TIMEOUTS: dict[str, int] = {
+    "short": 100,
+    "copy": 300,
+    "install": 3000,
+    "test": 10000,
+    "build": 100000,
+}
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    short: int = DEFAULT_TIMEOUTS["short"]
+    copy: int = DEFAULT_TIMEOUTS["copy"]
+    install: int = DEFAULT_TIMEOUTS["install"]
+    test: int = DEFAULT_TIMEOUTS["test"]
+    build: int = DEFAULT_TIMEOUTS["build"]
+
+
+@dataclass(frozen=True)
+class PackageArg:
+    """One positional argument, classified as autopkgtest classifies it."""
+
+    kind: str  # "unbuilt-tree" | "built-tree" (more kinds come with the sources issue)
+    path: str
+    built_binaries: bool
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    packages: tuple[PackageArg, ...]
+    virt_argv: tuple[str, ...]
+    only_tests: tuple[str, ...] = ()
+    skip_tests: tuple[str, ...] = ()
+    output_dir: str | None = None
+    logfile: str | None = None
+    summary_file: str | None = None
+    verbosity: int = INFO
+    env: tuple[str, ...] = ()
+    ignore_restrictions: frozenset[str] = frozenset()
+    user: str | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    json_file: str | None = None
+    junit_file: str | None = None
+    build_parallel: str | None = None

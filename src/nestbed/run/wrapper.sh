@@ -1,0 +1,50 @@
+#!/bin/sh
+# nestbed's in-testbed test wrapper.
+#
+#   wrapper.sh LOGFILE TIMEOUT COMMAND [ARG...]
+#
+# Runs COMMAND with its stdout and stderr on fifos that we copy to our own stdout and
+# stderr, so that background processes the test leaves holding them can be found and
+# killed afterwards (otherwise the runner would wait for EOF forever). TIMEOUT seconds
+# (0: none) are enforced by coreutils' timeout on the test's own process group. Our own
+# messages go to LOGFILE, never into the test's streams: stderr output decides verdicts.
+# Exits with COMMAND's exit status; 254 if the wrapper itself cannot work.
+set -u
+log=$1
+limit=$2
+shift 2
+
+note() { { echo "$*" >>"$log"; } 2>/dev/null; }
+
+dir=$(mktemp -d) || exit 254
+mkfifo "$dir/out" "$dir/err" || exit 254
+cat <"$dir/out" &
+out_pid=$!
+cat <"$dir/err" >&2 &
+err_pid=$!
+
+started=$(date +%s)
+status=0
+if [ "$limit" -gt 0 ]; then
+    # exec in a subshell: a shell killed by a signal would print "Killed" into the test's stderr
+    (exec >"$dir/out" 2>"$dir/err"; exec timeout --kill-after=10 "$limit" "$@") || status=$?
+    if [ "$status" -eq 124 ] && [ $(( $(date +%s) - started )) -ge "$limit" ]; then
+        note "timed-out after $limit s"
+    fi
+else
+    (exec >"$dir/out" 2>"$dir/err"; exec "$@") || status=$?
+fi
+
+# whoever still holds our fifos was started by the test and outlived it
+leaked=$(find /proc/[0-9]*/fd -maxdepth 1 \( -lname "$dir/out" -o -lname "$dir/err" \) 2>/dev/null |
+    cut -d/ -f3 | sort -u | grep -vx -e "$out_pid" -e "$err_pid" | tr '\n' ' ')
+if [ -n "$leaked" ]; then
+    note "killing leaked background processes: $leaked"
+    # shellcheck disable=SC2086 # one word per pid
+    kill -CONT $leaked 2>/dev/null
+    # shellcheck disable=SC2086
+    kill -KILL $leaked 2>/dev/null
+fi
+wait "$out_pid" "$err_pid"
+rm -rf "$dir"
+exit "$status"
