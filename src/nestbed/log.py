@@ -18,7 +18,9 @@ QUIET, INFO, DEBUG = 0, 1, 2
 
 
 def program_name() -> str:
-    return os.path.basename(sys.argv[0]) or "nestbed"
+    name = os.path.basename(sys.argv[0])
+    # `python -m nestbed` runs as __main__.py: the program is still nestbed
+    return "nestbed" if name in ("", "__main__.py", "-c") else name
 
 
 class Console:

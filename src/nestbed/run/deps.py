@@ -42,16 +42,16 @@ def install(testbed: Testbed, depends: tuple[str, ...], console: Console, timeou
             f"-- {shlex.quote(relations)} 1>&2"
         )
         result = testbed.execute(
-            ["sh", "-c", script], timeout=timeout, capture=True,
+            ["sh", "-c", script],
+            timeout=timeout,
+            capture=True,
             env={"DEBIAN_FRONTEND": "noninteractive"},
         )
         console.write_stderr(result.stderr)
         if result.returncode != 0:
             raise DependencyError(UNSATISFIABLE)
         return
-    check = testbed.execute(
-        ["dpkg-checkbuilddeps", "-d", relations, "/dev/null"], timeout=timeout
-    )
+    check = testbed.execute(["dpkg-checkbuilddeps", "-d", relations, "/dev/null"], timeout=timeout)
     if check.returncode == 127:
         console.warning(
             f"test dependencies ({relations}) are not fully satisfied, but continuing anyway "

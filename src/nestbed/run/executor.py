@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import threading
 import time
@@ -143,13 +145,15 @@ def _pump(src: IO[bytes], sink: Callable[[bytes], None], store: bytearray) -> No
         sink(chunk)
 
 
-def run_test(testbed: Testbed, test: TestSpec, env: TestEnvironment, timeout: int,
-             console: Console) -> TestRun:
+def run_test(
+    testbed: Testbed, test: TestSpec, env: TestEnvironment, timeout: int, console: Console
+) -> TestRun:
     """Run the test, streaming its stdout and stderr to ours while recording each."""
     argv = [*_run_as(test, env), test_script(test, env, timeout)]
     started = time.monotonic()
-    proc = testbed.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+    proc = testbed.popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     assert proc.stdout is not None and proc.stderr is not None
     out, err = bytearray(), bytearray()
     pumps = [
@@ -171,17 +175,17 @@ def run_test(testbed: Testbed, test: TestSpec, env: TestEnvironment, timeout: in
         t.join(timeout=10)
     duration = time.monotonic() - started
     if returncode in (254, 255) and not stuck:
-        raise TestbedFailure(f"testbed failed while running test {test.name} (exit status {returncode})")
+        raise TestbedFailure(
+            f"testbed failed while running test {test.name} (exit status {returncode})"
+        )
     notes = _collect_wrapper_notes(testbed, test, env) if not stuck else ""
     timed_out = stuck or "timed-out" in notes
     return TestRun(returncode, bytes(out), bytes(err), timed_out, duration, notes)
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, 9)
-    except ProcessLookupError:
-        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _collect_wrapper_notes(testbed: Testbed, test: TestSpec, env: TestEnvironment) -> str:

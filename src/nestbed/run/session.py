@@ -197,14 +197,18 @@ class Session:
     def _installed_packages(self) -> str | None:
         assert self.testbed is not None
         r = self.testbed.execute(
-            ["sh", "-c", "command -v dpkg-query >/dev/null && "
-             "dpkg-query --show -f '${Package}\\t${Version}\\n'"],
+            [
+                "sh",
+                "-c",
+                "command -v dpkg-query >/dev/null && "
+                "dpkg-query --show -f '${Package}\\t${Version}\\n'",
+            ],
             timeout=self.options.timeouts.short,
         )
         return r.stdout.decode("UTF-8", "replace") if r.returncode == 0 else None
 
     def _reset(self, depends: tuple[str, ...]) -> None:
-        """Revert when a previous test changed the testbed or installed what this one must not see."""
+        """Revert if an earlier test changed the testbed or installed what this one must not see."""
         tb = self.testbed
         assert tb is not None
         stale = [d for d in self.deps_installed if d not in depends]
@@ -256,7 +260,10 @@ class Session:
             return []
         only = self.options.only_tests
         entries = parse_control(
-            control, tree.host, self.arch, display_path=os.path.join(tree.host, "debian/tests/control")
+            control,
+            tree.host,
+            self.arch,
+            display_path=os.path.join(tree.host, "debian/tests/control"),
         )
         runnable: list[TestSpec] = []
         for entry in entries:
@@ -299,8 +306,11 @@ class Session:
         except deps.DependencyError as e:
             self.deps_installed = test.depends
             if test.has("skip-not-installable"):
-                self.record(TestResult(test.name, Verdict.SKIP,
-                                       "installation fails and skip-not-installable set"))
+                self.record(
+                    TestResult(
+                        test.name, Verdict.SKIP, "installation fails and skip-not-installable set"
+                    )
+                )
             else:
                 self.record(TestResult(test.name, Verdict.BADPKG, str(e)))
                 self.result_line("blame: " + " ".join(self.blamed))
@@ -332,10 +342,11 @@ class Session:
         if root and not self.user:
             return "Cannot enable needs-sudo restriction: no ordinary user available"
         as_user = ["su", "-s", "/bin/bash", self.user or "", "-c"] if root else ["bash", "-c"]
-        groups = tb.execute([*as_user, "id -Gn"], timeout=self.options.timeouts.short)
-        if groups.returncode == 0 and "sudo" in groups.stdout.decode().split():
-            if tb.execute([*as_user, "sudo -n -v"], timeout=self.options.timeouts.short).returncode == 0:
-                return ""
+        short = self.options.timeouts.short
+        groups = tb.execute([*as_user, "id -Gn"], timeout=short)
+        in_sudo_group = groups.returncode == 0 and "sudo" in groups.stdout.decode().split()
+        if in_sudo_group and tb.execute([*as_user, "sudo -n -v"], timeout=short).returncode == 0:
+            return ""
         if not root:
             return "Cannot enable needs-sudo restriction: not root"
         return "Cannot enable needs-sudo restriction: cannot revert"
@@ -382,7 +393,10 @@ class Session:
         return self._installed_packages() if self.options.output_dir else None
 
     def _save_outputs(
-        self, test: TestSpec, env: executor.TestEnvironment, run: executor.TestRun,
+        self,
+        test: TestSpec,
+        env: executor.TestEnvironment,
+        run: executor.TestRun,
         packages: str | None,
     ) -> None:
         if not self.options.output_dir:

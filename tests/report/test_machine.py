@@ -1,0 +1,46 @@
+"""--json and --junit files, as CI systems read them."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from nestbed.report.machine import write_json, write_junit
+from nestbed.report.results import TestResult, Verdict
+
+RESULTS = [
+    TestResult("ok", Verdict.PASS, package="p", duration=1.25, restrictions=("needs-root",)),
+    TestResult("bad", Verdict.FAIL, "non-zero exit status 2", package="p", stderr=b"boom\x1b\n"),
+    TestResult("maybe", Verdict.SKIP, "unknown restriction x", package="p"),
+    TestResult("flake", Verdict.FLAKY, "stderr: hm", package="p"),
+    TestResult("deps", Verdict.BADPKG, "unsatisfiable", package="p"),
+]
+
+
+def test_json_has_one_record_per_test(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    write_json(str(out), RESULTS)
+    records = json.loads(out.read_text())["tests"]
+    assert [(t["name"], t["verdict"], t["reason"]) for t in records] == [
+        ("ok", "PASS", ""),
+        ("bad", "FAIL", "non-zero exit status 2"),
+        ("maybe", "SKIP", "unknown restriction x"),
+        ("flake", "FLAKY", "stderr: hm"),
+        ("deps", "FAIL", "badpkg"),
+    ]
+    assert records[0]["duration"] == 1.25
+    assert records[0]["restrictions"] == ["needs-root"]
+
+
+def test_junit_counts_failures_and_skips(tmp_path: Path) -> None:
+    out = tmp_path / "r.xml"
+    write_junit(str(out), RESULTS)
+    suite = ET.parse(out).getroot().find("testsuite")
+    assert suite is not None
+    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("5", "2", "2")
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    assert cases["bad"].find("failure") is not None
+    assert cases["bad"].findtext("system-err") == "boom\n"  # control characters dropped
+    assert cases["maybe"].find("skipped") is not None
+    assert cases["ok"].find("failure") is None and cases["ok"].find("skipped") is None
