@@ -1,0 +1,598 @@
+"""The runner's side of the virt-server protocol: `Testbed`.
+
+Works with nestbed's servers and autopkgtest's (`/usr/bin/autopkgtest-virt-*`). Every
+protocol command has a deadline; a server that does not answer in time is killed, one that
+dies is reported with its exit status and last stderr lines. Whatever happens, `_cleanup()`
+releases the server process and pipes, so a `with Testbed(...)` block never leaks one.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import select
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import IO, Any, NamedTuple
+
+from nestbed.errors import TestbedFailure, UsageError, VirtServerError
+from nestbed.testbed.protocol import (
+    format_line,
+    parse_exec_prefix,
+    quote_word,
+    unquote_word,
+)
+
+# Seconds a server gets to answer each command. Booting or reverting a VM is slow; the server
+# bounds copies itself (300 s by default) and answers `timeout`, so ours are a backstop.
+DEFAULT_TIMEOUTS: dict[str, float | None] = {
+    "banner": 300,
+    "open": 3600,
+    "revert": 3600,
+    "reboot": 3600,
+    "close": 600,
+    "quit": 600,
+    "capabilities": 300,
+    "print-execute-command": 300,
+    "copydown": 900,
+    "copyup": 900,
+    "shell": None,  # interactive: as long as the user likes
+    "auxverb_debug_fail": 60,
+}
+
+# How long a server gets to exit by itself, then after SIGTERM, before SIGKILL.
+_QUIT_GRACE = 10.0
+_TERM_GRACE = 30.0
+
+# Exit statuses by which the exec prefix itself says it failed (the protocol spec's rule).
+_EXEC_PREFIX_FAILED = (254, 255)
+
+_STDERR_TAIL = 20
+
+
+class CommandTimeout(TestbedFailure):
+    """A command on the testbed ran past its timeout and was killed."""
+
+
+class ExecResult(NamedTuple):
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+def resolve_virt_server(name: str) -> list[str]:
+    """argv of the server for `name`: ``null`` -> nestbed-virt-null from PATH, else from the
+    bin dir of this Python (a venv not on PATH); a value with '/' is a path used as given."""
+    if "/" in name:
+        return [name]
+    prog = f"nestbed-virt-{name}"
+    found = shutil.which(prog)
+    if found:
+        return [found]
+    bindir = os.path.dirname(sys.executable)
+    beside = os.path.join(bindir, prog)
+    if os.path.isfile(beside) and os.access(beside, os.X_OK):
+        return [beside]
+    raise UsageError(f"unknown virt server '{name}': no {prog} in PATH nor in {bindir}")
+
+
+class _LineReader:
+    """Reads lines from a pipe with a deadline (the stdlib's readline cannot time out)."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.fd = stream.fileno()
+        self.buf = b""
+        self.eof = False
+
+    def readline(self, deadline: float | None) -> bytes | None:
+        """A line with its newline; at EOF what is left (maybe b""); None at the deadline."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        while b"\n" not in self.buf:
+            if self.eof:
+                rest, self.buf = self.buf, b""
+                return rest
+            if deadline is None:
+                wait_ms: int | None = None
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                wait_ms = max(1, int(left * 1000))
+            if not poller.poll(wait_ms):
+                continue  # the loop rechecks the deadline
+            chunk = os.read(self.fd, 65536)
+            if chunk:
+                self.buf += chunk
+            else:
+                self.eof = True
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line + b"\n"
+
+
+class Testbed:
+    """A virt server process and the testbed it gives access to."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        debug: bool = False,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        if not argv:
+            raise UsageError("no virt server given")
+        self.argv = list(argv)
+        self.debug = debug
+        self._log = log
+        self.caps: frozenset[str] = frozenset()
+        self.exec_prefix: list[str] = []
+        self.normal_user: str | None = None
+        self._scratch: str | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._reader: _LineReader | None = None
+        self._stderr_thread: threading.Thread | None = None
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL)
+        # a command is in flight, or the protocol is out of step: no polite quit possible
+        self._busy = False
+        self._broken = False
+
+    # ---- state -----------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.argv[0])
+
+    @property
+    def is_open(self) -> bool:
+        return self._scratch is not None
+
+    @property
+    def scratch(self) -> str:
+        """The testbed's scratch dir; only while open."""
+        if self._scratch is None:
+            raise TestbedFailure("the testbed is not open")
+        return self._scratch
+
+    def _debug(self, message: str) -> None:
+        if self.debug and self._log is not None:
+            self._log(message)
+
+    def _server_said(self, line: str) -> None:
+        self._stderr_tail.append(line)
+        if self._log is not None:
+            self._log(line)
+        else:
+            # as autopkgtest lets its server write to the terminal
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(line + "\n")
+
+    def _drain_stderr(self, stream: IO[bytes]) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for raw in iter(stream.readline, b""):
+                self._server_said(raw.decode("UTF-8", "replace").rstrip("\n"))
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the server and wait for its `ok` banner."""
+        if self._proc is not None:
+            raise TestbedFailure("the virt server is already started")
+        self._debug(f"starting virt server: {shlex.join(self.argv)}")
+        try:
+            # its own session: a Ctrl-C reaches us, and we shut the server down in order
+            self._proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as e:
+            raise TestbedFailure(
+                f"cannot start virt server {self.argv[0]}: {e.strerror or e}"
+            ) from None
+        try:
+            assert self._proc.stdout is not None and self._proc.stderr is not None
+            self._reader = _LineReader(self._proc.stdout)
+            self._stderr_thread = threading.Thread(
+                target=self._drain_stderr, args=(self._proc.stderr,), daemon=True
+            )
+            self._stderr_thread.start()
+            words = self._read_answer("banner", None, DEFAULT_TIMEOUTS["banner"])
+            if not words or words[0] != "ok":
+                self._broken = True
+                raise VirtServerError(
+                    f"virt server {self.name}: got banner `{' '.join(words)}', expected `ok'"
+                )
+        except BaseException:
+            self._cleanup()
+            raise
+
+    def open(self, timeout: float | None = None) -> str:
+        """Open the testbed; return its scratch dir. Then learns the exec prefix and the
+        capabilities, which autopkgtest's client also asks for after each open."""
+        if self._scratch is not None:
+            return self._scratch
+        words = self._command("open", (), 1, timeout, DEFAULT_TIMEOUTS["open"])
+        self._scratch = unquote_word(words[0])
+        self._after_open()
+        return self._scratch
+
+    def _after_open(self) -> None:
+        word = self._command("print-execute-command", (), None, None, None)
+        if not word:
+            raise VirtServerError(f"virt server {self.name} gave an empty execute command")
+        # split before unquoting: an argument may contain a (quoted) ','
+        self.exec_prefix = parse_exec_prefix(word[0])
+        self.caps = self.query_capabilities()
+        self.normal_user = next(
+            (
+                c.split("=", 1)[1]
+                for c in sorted(self.caps)
+                if c.startswith("suggested-normal-user=")
+            ),
+            None,
+        )
+        self._debug(f"testbed capabilities: {' '.join(sorted(self.caps))}")
+
+    def query_capabilities(self, timeout: float | None = None) -> frozenset[str]:
+        """Ask the server for its capabilities (valid open or closed)."""
+        words = self._command("capabilities", (), None, timeout, None)
+        # autopkgtest's servers repeat `ok' once per earlier query: not a capability
+        return frozenset(unquote_word(w) for w in words if w != "ok")
+
+    def revert(self, timeout: float | None = None) -> str:
+        """Revert the testbed (servers advertising `revert`); returns the scratch dir."""
+        self._require_open("revert")
+        if "revert" not in self.caps:
+            raise TestbedFailure(f"virt server {self.name} cannot revert the testbed")
+        words = self._command("revert", (), 1, timeout, None)
+        self._scratch = unquote_word(words[0])
+        self._after_open()
+        return self._scratch
+
+    def reboot(self, prepare_only: bool = False, timeout: float | None = None) -> None:
+        """Reboot the testbed, keeping the scratch dir. With `prepare_only` the server only
+        saves state: the test (autopkgtest-reboot-prepare) triggers the reboot itself."""
+        self._require_open("reboot")
+        if "reboot" not in self.caps:
+            raise TestbedFailure(f"virt server {self.name} cannot reboot the testbed")
+        args = ("prepare-only",) if prepare_only else ()
+        # VirtSubproc answers a bare `ok' (its doc says `ok SCRATCH'): accept both
+        self._command("reboot", args, None, timeout, None)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Close the testbed (idempotent)."""
+        if self._scratch is None:
+            return
+        try:
+            if self._usable():
+                self._command("close", (), 0, timeout, None)
+        finally:
+            self._scratch = None
+            self.exec_prefix = []
+            self.caps = frozenset()
+            self.normal_user = None
+
+    def quit(self, timeout: float | None = None) -> None:
+        """Close, tell the server to quit and wait for it; a non-zero exit is a failure."""
+        if self._proc is None:
+            return
+        try:
+            self.close()
+            if self._usable():
+                self._send("quit")  # VirtSubproc exits without answering
+                self._close_stdin()
+                limit = DEFAULT_TIMEOUTS["quit"] if timeout is None else timeout
+                try:
+                    status = self._proc.wait(limit)
+                except subprocess.TimeoutExpired:
+                    raise TestbedFailure(
+                        f"virt server {self.name} did not exit within {limit:g}s after quit"
+                    ) from None
+                if status != 0:
+                    self._join_stderr()
+                    raise VirtServerError(
+                        f"virt server {self.name} gave exit status {status} after quit"
+                        + self._stderr_summary()
+                    )
+        finally:
+            self._cleanup()
+
+    def __enter__(self) -> Testbed:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.quit()
+        else:
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        """Release the server whatever state it is in; never raises."""
+        proc, self._proc = self._proc, None
+        self._scratch = None
+        self.exec_prefix = []
+        self.caps = frozenset()
+        self.normal_user = None
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None and not self._busy and not self._broken:
+                # our servers and autopkgtest's release the testbed on quit
+                with contextlib.suppress(OSError, ValueError):
+                    assert proc.stdin is not None
+                    proc.stdin.write(b"quit\n")
+                    proc.stdin.flush()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(_QUIT_GRACE)
+            if proc.poll() is None:
+                # both kinds of server release the testbed on SIGTERM too
+                with contextlib.suppress(OSError):
+                    proc.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(_TERM_GRACE)
+            if proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        except Exception as e:  # a cleanup must not hide the error that led to it
+            self._debug(f"cleanup of virt server: {e}")
+        finally:
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    with contextlib.suppress(OSError, ValueError):
+                        stream.close()
+            self._join_stderr()
+            if proc.stderr is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    proc.stderr.close()
+            self._reader = None
+            self._busy = False
+            self._broken = False
+
+    # ---- protocol --------------------------------------------------------------------------
+
+    def _usable(self) -> bool:
+        return (
+            self._proc is not None
+            and self._proc.poll() is None
+            and not self._broken
+            and not self._busy
+        )
+
+    def _require_open(self, what: str) -> None:
+        if self._scratch is None:
+            raise TestbedFailure(f"cannot {what}: the testbed is not open")
+
+    def _send(self, line: str) -> None:
+        proc = self._proc
+        if proc is None or proc.stdin is None:
+            raise TestbedFailure(f"virt server {self.name} is not running")
+        self._debug(f"virt> {line}")
+        try:
+            proc.stdin.write((line + "\n").encode("UTF-8", "surrogateescape"))
+            proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            raise self._died(line.split()[0]) from None
+
+    def _close_stdin(self) -> None:
+        if self._proc is not None and self._proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
+
+    def _command(
+        self,
+        cmd: str,
+        args: Sequence[str],
+        nresults: int | None,
+        timeout: float | None,
+        default_timeout: float | None,
+    ) -> list[str]:
+        """Send one command, return its results still quoted. `default_timeout` None means
+        the command's entry in DEFAULT_TIMEOUTS."""
+        if self._proc is None:
+            raise TestbedFailure(f"cannot {cmd}: virt server {self.name} is not running")
+        if self._broken:
+            raise TestbedFailure(f"cannot {cmd}: virt server {self.name} is out of step")
+        if timeout is None:
+            timeout = default_timeout if default_timeout is not None else DEFAULT_TIMEOUTS[cmd]
+        line = format_line([cmd, *(quote_word(a) for a in args)])
+        self._busy = True
+        self._send(line)
+        words = self._read_answer(cmd, line, timeout)
+        self._busy = False
+        if not words or words[0] != "ok":
+            answer = " ".join(words)
+            raise VirtServerError(f"virt server {self.name} answered `{line}' with `{answer}'")
+        results = words[1:]
+        if nresults is not None and len(results) != nresults:
+            self._broken = True
+            raise VirtServerError(
+                f"virt server {self.name} answered `{line}' with `{' '.join(words)}'"
+                f" ({len(results)} results, expected {nresults})"
+            )
+        return results
+
+    def _read_answer(self, cmd: str, sent: str | None, timeout: float | None) -> list[str]:
+        assert self._reader is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        raw = self._reader.readline(deadline)
+        if raw is None:
+            self._broken = True
+            self._kill()
+            raise TestbedFailure(
+                f"virt server {self.name} did not answer `{cmd}' within {timeout:g}s"
+                " (killed it)" + self._stderr_summary()
+            )
+        if not raw.endswith(b"\n"):
+            raise self._died(cmd)
+        line = raw.decode("UTF-8", "surrogateescape").rstrip("\n")
+        self._debug(f"virt< {line}")
+        return line.split()
+
+    def _kill(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(_QUIT_GRACE)
+
+    def _died(self, cmd: str) -> TestbedFailure:
+        """The server closed its stdout: collect how it ended, for the message."""
+        self._broken = True
+        proc = self._proc
+        assert proc is not None
+        try:
+            status = proc.wait(_QUIT_GRACE)
+        except subprocess.TimeoutExpired:
+            self._kill()
+            status = proc.wait()
+        self._join_stderr()
+        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        return VirtServerError(
+            f"virt server {self.name} {how} during `{cmd}'" + self._stderr_summary()
+        )
+
+    def _join_stderr(self) -> None:
+        if self._stderr_thread is not None:
+            # the server may leave a child holding its stderr: do not wait for that
+            self._stderr_thread.join(2.0)
+
+    def _stderr_summary(self) -> str:
+        tail = [line for line in self._stderr_tail if line.strip()][-3:]
+        return (": " + " | ".join(tail)) if tail else ""
+
+    # ---- using the testbed -----------------------------------------------------------------
+
+    def _wrap(
+        self, argv: Sequence[str], env: Mapping[str, str] | None, user: str | None
+    ) -> list[str]:
+        cmd = list(argv)
+        if env:
+            cmd = ["env", *(f"{k}={v}" for k, v in env.items()), *cmd]
+        if user is not None:
+            # su takes a shell command line; the environment goes inside, as su resets some
+            cmd = ["su", "-s", "/bin/sh", "-c", shlex.join(cmd), user]
+        return [*self.exec_prefix, *cmd]
+
+    def execute(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        capture: bool = True,
+        env: Mapping[str, str] | None = None,
+        user: str | None = None,
+    ) -> ExecResult:
+        """Run argv on the testbed and wait. Without `capture` its output goes to ours.
+
+        Exit 254/255 is the exec prefix failing, a TestbedFailure; running past `timeout`
+        kills the local process group and raises CommandTimeout.
+        """
+        self._require_open("execute a command")
+        real = self._wrap(argv, env, user)
+        self._debug(f"execute: {shlex.join(real)}")
+        pipe = subprocess.PIPE if capture else None
+        try:
+            proc = subprocess.Popen(
+                real,
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=pipe,
+                stderr=pipe,
+                start_new_session=True,
+            )
+        except OSError as e:
+            raise TestbedFailure(
+                f"cannot run the testbed's exec prefix {self.exec_prefix[0]}: {e.strerror or e}"
+            ) from None
+        try:
+            out, err = proc.communicate(stdin, timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            # a process that left our group may still hold the pipes: do not wait for it
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.communicate(timeout=5)
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+            proc.wait()
+            raise CommandTimeout(
+                f"timed out after {timeout:g}s on testbed command {shlex.join(argv)}"
+            ) from None
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+        out = out or b""
+        err = err or b""
+        if proc.returncode in _EXEC_PREFIX_FAILED:
+            detail = err.decode("UTF-8", "replace").strip().splitlines()[-3:]
+            raise TestbedFailure(
+                f"testbed exec prefix failed with exit status {proc.returncode}"
+                f" running {shlex.join(argv)}" + (": " + " | ".join(detail) if detail else "")
+            )
+        return ExecResult(proc.returncode, out, err)
+
+    def popen(self, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[bytes]:
+        """Start exec prefix + argv in its own process group (kill it with os.killpg)."""
+        self._require_open("start a command")
+        popen_kwargs.setdefault("start_new_session", True)
+        popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
+        real = [*self.exec_prefix, *argv]
+        self._debug(f"popen: {shlex.join(real)}")
+        try:
+            proc: subprocess.Popen[bytes] = subprocess.Popen(real, **popen_kwargs)
+        except OSError as e:
+            raise TestbedFailure(
+                f"cannot run the testbed's exec prefix {self.exec_prefix[0]}: {e.strerror or e}"
+            ) from None
+        return proc
+
+    def copydown(self, host: str, tb: str, timeout: float | None = None) -> None:
+        """Copy a host file or tree to the testbed; a tree has '/' at the end of both paths."""
+        self._copy("copydown", host, tb, timeout)
+
+    def copyup(self, tb: str, host: str, timeout: float | None = None) -> None:
+        """Copy a testbed file or tree to the host; a tree has '/' at the end of both paths."""
+        self._copy("copyup", tb, host, timeout)
+
+    def _copy(self, cmd: str, src: str, dst: str, timeout: float | None) -> None:
+        self._require_open(cmd)
+        if not src or not dst or src.endswith("/") != dst.endswith("/"):
+            # the server would treat this as fatal and take the testbed down: catch it here
+            raise ValueError(f"{cmd} {src!r} {dst!r}: both paths or neither must end in '/'")
+        try:
+            self._command(cmd, (src, dst), 0, timeout, None)
+        except VirtServerError as e:
+            if self._broken:
+                raise
+            raise VirtServerError(f"{cmd} of {src} to {dst} failed: {e}") from None
+
+    def shell(self, cwd: str = "/", env: Sequence[str] = ()) -> None:
+        """Interactive shell in the testbed on the controlling terminal (for debugging)."""
+        self._require_open("run a shell")
+        self._command("shell", (cwd, *env), None, None, None)
+
+    def debug_fail(self) -> None:
+        """Ask the server to log diagnostics about a failure (autopkgtest does so too)."""
+        with contextlib.suppress(TestbedFailure):
+            self._command("auxverb_debug_fail", (), None, None, None)
