@@ -25,6 +25,10 @@ class TestSpec:
     depends: tuple[str, ...]
     # Line of the stanza in the control file, for messages.
     line: int = 0
+    # The alternatives among `depends` that are binaries of the source package under
+    # test (from "@" or named explicitly), one tuple per relation; autopkgtest makes sure
+    # one of each gets installed as a real package, not satisfied through a Provides.
+    synth_depends: tuple[tuple[str, ...], ...] = ()
 
     def has(self, restriction: str) -> bool:
         return restriction in self.restrictions
@@ -40,3 +44,5 @@ class UnsupportedTest:
 
     name: str
     reason: str
+    # Line of the stanza in the control file, for messages.
+    line: int = 0

@@ -1,0 +1,181 @@
+"""deb822 files read the way autopkgtest reads them, but with line numbers.
+
+autopkgtest (testdesc.parse_rfc822) drops comment lines and anything after a '#',
+hands the rest to python-debian's Deb822 and then joins continuation lines. python-debian
+does not report line numbers and silently ignores lines it cannot place, so we walk the
+lines ourselves to find stanzas, field lines and syntax errors, and let Deb822 turn each
+stanza into values, so that values are exactly what autopkgtest sees.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import string
+from dataclasses import dataclass, field
+
+from debian.deb822 import Deb822
+
+from nestbed.errors import InvalidControl
+
+# python-debian decides "blank line" on the encoded bytes, i.e. ASCII whitespace only;
+# the same characters may not appear in a field name.
+_ASCII_SPACE = frozenset(" \t\n\r\x0b\x0c")
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str  # as written in the file (the last occurrence if repeated)
+    value: str  # continuation lines joined, as autopkgtest joins them
+    line: int
+
+
+@dataclass
+class Stanza:
+    line: int
+    # Keyed by string.capwords(name), which is how autopkgtest names fields
+    # ("Test-Command" and "test-command" are both "Test-command").
+    fields: dict[str, Field] = field(default_factory=dict)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.fields
+
+    def get(self, key: str, default: str) -> str:
+        found = self.fields.get(key)
+        return default if found is None else found.value
+
+    def line_of(self, key: str) -> int:
+        found = self.fields.get(key)
+        return self.line if found is None else found.line
+
+
+def read_stanzas(
+    path: str | os.PathLike[str], display: str, *, strict: bool
+) -> list[Stanza] | None:
+    """Stanzas of the file at `path`, or None if it does not exist.
+
+    Raises InvalidControl (naming `display`) if the file cannot be read or is not UTF-8,
+    and, when `strict`, for lines that are neither a field, a continuation nor a comment.
+    Without `strict` such lines are dropped, as python-debian drops them.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise InvalidControl(display, None, None, f"cannot read file: {e.strerror or e}") from e
+    except ValueError as e:  # e.g. a NUL byte in the path
+        raise InvalidControl(display, None, None, f"cannot read file: {e}") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        good = data[: e.start].decode("utf-8")
+        # universal newlines, as autopkgtest's open() counts them
+        line = good.count("\n") + good.count("\r") - good.count("\r\n") + 1
+        raise InvalidControl(
+            display, line, None, f"not valid UTF-8 (byte {data[e.start]:#04x})"
+        ) from e
+    return parse_stanzas(text, display, strict=strict)
+
+
+def _strip_comment(line: str) -> str | None:
+    """The line without its comment, or None if nothing is left to parse."""
+    # A line starting with '#' goes entirely; elsewhere '#' starts a comment too, and a
+    # line left blank by that goes entirely so that it does not split the stanza.
+    if line.startswith("#"):
+        return None
+    if "#" in line:
+        line = line.split("#", 1)[0]
+        if not line.strip():
+            return None
+    return line
+
+
+def _field_name(line: str) -> str | None:
+    """The field name if `line` starts a field ("Name: value"), else None.
+
+    Same answer as python-debian's `^[^: \\t\\n\\r\\f\\v]+\\s*:` on the line, computed without
+    the regex, which backtracks quadratically on long lines of Unicode spaces.
+    """
+    colon = line.find(":")
+    if colon <= 0:
+        return None
+    prefix = line[:colon]
+    end = next((i for i, c in enumerate(prefix) if c in _ASCII_SPACE), colon)
+    if end == 0:
+        return None
+    rest = prefix[end:]
+    if rest and not rest.isspace():
+        return None
+    return prefix[:end]
+
+
+def parse_stanzas(text: str, display: str, *, strict: bool) -> list[Stanza]:
+    stanzas: list[Stanza] = []
+    pending: list[tuple[int, str]] = []
+
+    def flush() -> None:
+        if pending:
+            stanza = _build_stanza(pending, display, strict=strict)
+            if stanza is not None:
+                stanzas.append(stanza)
+            pending.clear()
+
+    # newline=None: the universal newlines of open() in text mode, which autopkgtest uses
+    for number, raw in enumerate(io.StringIO(text, newline=None), start=1):
+        line = _strip_comment(raw)
+        if line is None:
+            continue
+        line = line.strip("\r\n")
+        if not line or all(c in _ASCII_SPACE for c in line):
+            flush()
+        else:
+            pending.append((number, line))
+    flush()
+    return stanzas
+
+
+def _build_stanza(lines: list[tuple[int, str]], display: str, *, strict: bool) -> Stanza | None:
+    starts: list[tuple[str, int]] = []
+    kept: list[str] = []
+    for number, line in lines:
+        name = _field_name(line)
+        if name is not None:
+            starts.append((name, number))
+            kept.append(line)
+        elif line[0].isspace() and not line.isspace():
+            if starts:
+                kept.append(line)
+            elif strict:
+                raise InvalidControl(
+                    display,
+                    number,
+                    None,
+                    "continuation line (starting with a space) before any field",
+                )
+        elif line.isspace():
+            continue  # only non-ASCII spaces: python-debian skips it without ending the stanza
+        elif strict:
+            raise InvalidControl(
+                display,
+                number,
+                None,
+                f"syntax error: {line!r} is not 'Field: value', a continuation line "
+                "(starting with a space) or a comment",
+            )
+    if not starts:
+        return None
+
+    paragraph = Deb822(kept)
+    stanza = Stanza(line=lines[0][0])
+    for name, number in starts:
+        value = paragraph.get(name)
+        if value is None:  # cannot happen: we and python-debian agree on field lines
+            if strict:
+                raise InvalidControl(display, number, name, "cannot parse field")
+            continue
+        # autopkgtest drops the newlines of continuations and then halves runs of spaces
+        joined = "".join(str(value).split("\n")).replace("  ", " ")
+        stanza.fields[string.capwords(name)] = Field(name, joined, number)
+    return stanza
