@@ -1,0 +1,281 @@
+"""The differential cases: a fixture package, extra options, and what autopkgtest 5.28 gives.
+
+`results` are autopkgtest's result lines on stdout exactly (apt's output and the tests'
+own output, which autopkgtest also prints on stdout on the null testbed, left out);
+`{arch}` stands for the host's dpkg architecture. `files` are paths that must be in the
+output directory. The baseline test checks these against autopkgtest itself, so a
+fixture that stops doing what its case says is noticed; the differential test then
+holds nestbed to whatever autopkgtest does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    fixture: str
+    options: tuple[str, ...]
+    exit_code: int
+    results: tuple[str, ...]
+    files: tuple[str, ...] = ()
+    marks: tuple[pytest.MarkDecorator, ...] = field(default=())
+
+    def param(self) -> object:
+        return pytest.param(self, id=self.id, marks=self.marks)
+
+
+_MIXED_PARSE_SKIPS = (
+    "unknown-restriction  SKIP unknown restriction needs-magic-unicorn",
+    "unknown-field        SKIP unknown field X-nestbed-colour",
+    "unknown-field-command SKIP unknown field X-nestbed-colour",
+    'breaks-testbed       SKIP Test restriction "breaks-testbed" requires testbed capability'
+    ' "revert-full-system"',
+)
+
+_ARCH_PARSE_SKIPS = (
+    "arch-positive-mismatch SKIP Test lists explicitly supported architectures, but the"
+    " current architecture {arch} isn't listed.",
+    "arch-negated-match   SKIP Test declares architecture as not supported: {arch}",
+    "arch-mixed           SKIP It is not permitted for some archs to be prepended by an"
+    " exclamation mark while others aren't",
+    "arch-all             SKIP Arch 'all' not allowed in Architecture field",
+    "command1             SKIP Test lists explicitly supported architectures, but the"
+    " current architecture {arch} isn't listed.",
+)
+
+_STANDARD_FILES = ("log", "testbed-packages", "testinfo.json", "testpkg-version")
+
+CASES = (
+    Case(
+        # Without -B an unbuilt tree is built for its binaries; a source package with
+        # no binary package cannot be built.
+        "pass-basic-unbuilt",
+        "pass-basic",
+        (),
+        12,
+        (
+            "blame: {fixtures}/pass-basic",
+            "badpkg: rules build failed with exit code 2",
+        ),
+    ),
+    Case(
+        "pass-basic",
+        "pass-basic",
+        ("-B",),
+        0,
+        (
+            "smoke                PASS",
+            "named-command        PASS",
+            "command1             PASS",
+        ),
+        (*_STANDARD_FILES, "smoke-stdout", "smoke-packages", "named-command-stdout"),
+    ),
+    Case(
+        # fail (exit and stderr) + skip: 4 | 2. Parse-time SKIP lines come twice: once
+        # when autopkgtest checks whether a build is needed, once when it runs the tests.
+        "mixed",
+        "mixed",
+        ("-B",),
+        6,
+        (
+            *_MIXED_PARSE_SKIPS,
+            *_MIXED_PARSE_SKIPS,
+            "passes               PASS",
+            "fails-exit           FAIL non-zero exit status 3",
+            "fails-stderr         FAIL stderr: something went wrong",
+            "allowed-stderr       PASS",
+            "skips                SKIP exit status 77 and marked as skippable",
+            "exit77-not-skippable FAIL non-zero exit status 77",
+            "flaky-fails          FLAKY non-zero exit status 1",
+            "superficial-passes   PASS (superficial)",
+        ),
+        (
+            *_STANDARD_FILES,
+            "fails-stderr-stderr",
+            "fails-stderr-stdout",
+            "allowed-stderr-stderr",
+            "skips-stderr",
+        ),
+    ),
+    Case(
+        # With --test-name the second parse reports only the named Tests: skips, and no
+        # Test-Command skip at all.
+        "mixed-test-name",
+        "mixed",
+        (
+            "-B",
+            "--test-name=passes",
+            "--test-name=unknown-field",
+            "--test-name=unknown-field-command",
+        ),
+        2,
+        (
+            *_MIXED_PARSE_SKIPS,
+            "unknown-field        SKIP unknown field X-nestbed-colour",
+            "passes               PASS",
+        ),
+    ),
+    Case(
+        "mixed-skip-test",
+        "mixed",
+        (
+            "-B",
+            "--skip-test=fails-exit",
+            "--skip-test=fails-stderr",
+            "--skip-test=exit77-not-skippable",
+            "--skip-test=unknown-restriction",
+        ),
+        2,
+        (
+            *_MIXED_PARSE_SKIPS,
+            *_MIXED_PARSE_SKIPS,
+            "passes               PASS",
+            "allowed-stderr       PASS",
+            "skips                SKIP exit status 77 and marked as skippable",
+            "flaky-fails          FLAKY non-zero exit status 1",
+            "superficial-passes   PASS (superficial)",
+        ),
+    ),
+    Case(
+        # No test matches: an ERROR on stderr, and "no tests" despite the SKIP lines.
+        "mixed-test-name-unknown",
+        "mixed",
+        ("-B", "--test-name=no-such-test"),
+        8,
+        (*_MIXED_PARSE_SKIPS, "*                    SKIP no tests in this package"),
+    ),
+    Case(
+        "arch",
+        "arch",
+        ("-B",),
+        2,
+        (
+            *_ARCH_PARSE_SKIPS,
+            *_ARCH_PARSE_SKIPS,
+            "arch-matches         PASS",
+            "arch-negated-nomatch PASS",
+        ),
+    ),
+    Case(
+        "tests-dir",
+        "tests-dir",
+        ("-B",),
+        0,
+        ("in-subdir            PASS", "cwd-is-tree-root     PASS"),
+        (*_STANDARD_FILES, "in-subdir-stdout", "cwd-is-tree-root-stdout"),
+    ),
+    Case(
+        "timeout",
+        "timeout",
+        ("-B", "--timeout-test=3"),
+        4,
+        ("sleeps               FAIL timed out", "quick                PASS"),
+        (*_STANDARD_FILES, "sleeps-stdout", "quick-stdout"),
+    ),
+    Case(
+        "environment",
+        "environment",
+        ("-B", "--env", "FOO=bar"),
+        0,
+        (
+            "env-check            PASS",
+            "root-check           PASS",
+            "background-leak      PASS",
+            "background-gone      PASS",
+            "artifacts            PASS",
+        ),
+        (
+            *_STANDARD_FILES,
+            "env-check-stdout",
+            "artifacts/",
+            "artifacts/report.txt",
+            "artifacts/sub/",
+            "artifacts/sub/nested.log",
+        ),
+    ),
+    Case(
+        "environment-no-env",
+        "environment",
+        ("-B",),
+        4,
+        (
+            "env-check            FAIL non-zero exit status 1",
+            "root-check           PASS",
+            "background-leak      PASS",
+            "background-gone      PASS",
+            "artifacts            PASS",
+        ),
+        ("env-check-stdout", "env-check-stderr"),
+    ),
+    Case(
+        "no-tests",
+        "no-tests",
+        ("-B",),
+        8,
+        ("*                    SKIP no tests in this package",),
+        _STANDARD_FILES,
+    ),
+    Case(
+        "all-superficial",
+        "all-superficial",
+        ("-B",),
+        8,
+        ("shallow-one          PASS (superficial)", "command1             PASS (superficial)"),
+    ),
+    Case(
+        # The debian/ copy autopkgtest parsed is left behind in the output directory.
+        "invalid-control",
+        "invalid-control",
+        ("-B",),
+        12,
+        (
+            "blame: {fixtures}/invalid-control",
+            'badpkg: InvalidControl test *: missing "Tests" or "Test-Command" field',
+        ),
+        (*_STANDARD_FILES, "pkg/debian/tests/control"),
+    ),
+    Case(
+        "unsatisfiable",
+        "unsatisfiable",
+        ("-B",),
+        12,
+        (
+            "wants-missing-package FAIL badpkg",
+            "blame: {fixtures}/unsatisfiable",
+            "badpkg: Test dependencies are unsatisfiable. A common reason is that your testbed"
+            " is out of date with respect to the archive, and you need to use a current"
+            " testbed or run apt-get update or use -U.",
+        ),
+    ),
+    Case(
+        "missing-test",
+        "missing-test",
+        ("-B",),
+        12,
+        (
+            "present              PASS",
+            "blame: {fixtures}/missing-test",
+            "badpkg: debian/tests/not-there does not exist",
+        ),
+    ),
+    Case(
+        # needs-sudo implies Depends: sudo, which apt installs (from the mirror if it is
+        # not installed yet) before the test is skipped at run time.
+        "needs-sudo",
+        "needs-sudo",
+        ("-B",),
+        2,
+        (
+            "before-sudo          PASS",
+            "wants-sudo           SKIP Cannot enable needs-sudo restriction: no ordinary user"
+            " available",
+            "after-sudo           PASS",
+        ),
+        marks=(pytest.mark.network,),
+    ),
+)
