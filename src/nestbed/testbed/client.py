@@ -233,22 +233,22 @@ class Testbed:
             raise VirtServerError(f"virt server {self.name} gave an empty execute command")
         # split before unquoting: an argument may contain a (quoted) ','
         self.exec_prefix = parse_exec_prefix(word[0])
-        self.caps = self.query_capabilities()
+        words = self._capability_words()
+        self.caps = frozenset(words)
+        # the first one the server lists is its preferred user
         self.normal_user = next(
-            (
-                c.split("=", 1)[1]
-                for c in sorted(self.caps)
-                if c.startswith("suggested-normal-user=")
-            ),
-            None,
+            (w.split("=", 1)[1] for w in words if w.startswith("suggested-normal-user=")), None
         )
-        self._debug(f"testbed capabilities: {' '.join(sorted(self.caps))}")
+        self._debug(f"testbed capabilities: {' '.join(words)}")
+
+    def _capability_words(self, timeout: float | None = None) -> list[str]:
+        words = self._command("capabilities", (), None, timeout, None)
+        # autopkgtest's servers repeat `ok' once per earlier query: not a capability
+        return [unquote_word(w) for w in words if w != "ok"]
 
     def query_capabilities(self, timeout: float | None = None) -> frozenset[str]:
         """Ask the server for its capabilities (valid open or closed)."""
-        words = self._command("capabilities", (), None, timeout, None)
-        # autopkgtest's servers repeat `ok' once per earlier query: not a capability
-        return frozenset(unquote_word(w) for w in words if w != "ok")
+        return frozenset(self._capability_words(timeout))
 
     def revert(self, timeout: float | None = None) -> str:
         """Revert the testbed (servers advertising `revert`); returns the scratch dir."""
