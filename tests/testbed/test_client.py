@@ -137,6 +137,18 @@ def test_server_killed_from_outside(null_argv: list[str], scratch_tmp: Path) -> 
         tb._cleanup()
 
 
+def test_quit_reports_server_dead_between_commands(null_argv: list[str], scratch_tmp: Path) -> None:
+    tb = client.Testbed(null_argv, log=lambda s: None)
+    tb.start()
+    tb.open()
+    assert tb._proc is not None
+    tb._proc.send_signal(signal.SIGKILL)
+    tb._proc.wait()
+    with pytest.raises(errors.VirtServerError, match="exited unexpectedly with status -9"):
+        tb.quit()
+    assert tb._proc is None
+
+
 # ---- with misbehaving servers --------------------------------------------------------------
 
 

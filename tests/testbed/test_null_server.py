@@ -232,6 +232,19 @@ def test_signal_releases_testbed(any_null_argv: list[str], tmp_path: Path, signu
     assert list(s.tmpdir.iterdir()) == []
 
 
+def test_client_gone_releases_testbed(any_null_argv: list[str], tmp_path: Path) -> None:
+    """The client closes its end: the next answer raises SIGPIPE, which releases too."""
+    s = Session(any_null_argv, tmp_path)
+    try:
+        assert s.driver.proc.stdout is not None
+        s.driver.proc.stdout.close()
+        s.driver.send("capabilities")
+        assert s.driver.proc.wait(30) == -signal.SIGPIPE
+    finally:
+        s.driver.kill()
+    assert list(s.tmpdir.iterdir()) == []
+
+
 def test_sigterm_during_copy_releases_testbed(null_argv: list[str], tmp_path: Path) -> None:
     s = Session(null_argv, tmp_path)
     try:

@@ -158,6 +158,8 @@ SCRIPTS: dict[str, tuple[list[str], Transcript]] = {
             ],
         ),
     ),
+    # no controlling terminal (own session): both log it and still answer ok
+    "shell-no-tty": (["open", "shell /tmp A=1", "quit"], (["ok", "ok SCRATCH", "ok"], 0, [])),
     "shell-closed": (["shell /"], (["ok"], 12, ["PROG: failure: `shell' when not open"])),
     "shell-no-args": (
         ["open", "shell"],

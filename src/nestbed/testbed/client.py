@@ -119,7 +119,11 @@ class _LineReader:
 
 
 class Testbed:
-    """A virt server process and the testbed it gives access to."""
+    """A virt server process and the testbed it gives access to.
+
+    `log` receives debug lines (with `debug`) and every line the server writes to stderr;
+    it is called from a reader thread too. Without it, server stderr goes to ours.
+    """
 
     def __init__(
         self,
@@ -289,6 +293,14 @@ class Testbed:
             return
         try:
             self.close()
+            status = self._proc.poll()
+            if status is not None and status != 0 and not self._broken:
+                # it died between commands: nobody has reported that yet
+                self._join_stderr()
+                raise VirtServerError(
+                    f"virt server {self.name} exited unexpectedly with status {status}"
+                    + self._stderr_summary()
+                )
             if self._usable():
                 self._send("quit")  # VirtSubproc exits without answering
                 self._close_stdin()

@@ -112,6 +112,9 @@ class _Interrupts:
     def __init__(self) -> None:
         self.depth = 0
         self.pending: BaseException | None = None
+        # set once the main loop has ended: from then on signals are only noted, so none
+        # can cut the release short (Python runs handlers late, even after an EPIPE error)
+        self.finishing = False
 
     def install(self) -> None:
         for signum in HANDLED_SIGNALS:
@@ -119,6 +122,8 @@ class _Interrupts:
         signal.signal(signal.SIGALRM, self._on_alarm)
 
     def _raise(self, exc: BaseException) -> None:
+        if self.finishing:
+            return
         if self.depth:
             # a termination signal outranks a pending timeout
             if self.pending is None or isinstance(exc, _Signalled):
@@ -139,7 +144,7 @@ class _Interrupts:
             yield
         finally:
             self.depth -= 1
-            if not self.depth and self.pending is not None:
+            if not self.depth and self.pending is not None and not self.finishing:
                 exc, self.pending = self.pending, None
                 raise exc
 
@@ -658,42 +663,34 @@ def serve(server: VirtServer) -> int:
     proto_in, proto_out = _redirect_stdio()
     session = _Session(server, proto_out)
     server._interrupts.install()
-    code = 0
-    message = ""
-    signum: int | None = None
+    outcome: BaseException
     try:
-        session.send(["ok"])
-        while True:
-            raw_line = proto_in.readline()
-            if not raw_line:
-                raise ServerFailure("end of file - caller quit?")
-            line = raw_line.decode("UTF-8", "surrogateescape").strip()
-            if not line:
-                # blank lines are skipped, as VirtSubproc does
-                continue
-            session.dispatch(line)
-    except _Quit as q:
-        code, message = q.code, q.message
-    except ServerFailure as e:
-        code, message = EXIT_SERVER_FAILURE, f"{prog}: failure: {e}"
-    except _Signalled as s:
-        signum = s.signum
-    except BrokenPipeError:
-        # the client went away: same as its SIGPIPE
-        signum = signal.SIGPIPE
-    except _Timeout:
-        code, message = EXIT_SERVER_UNEXPECTED, f"{prog}: unexpected timeout"
-    except Exception as e:  # no traceback reaches a user; -d shows the type
-        code = EXIT_SERVER_UNEXPECTED
-        message = f"{prog}: unexpected error: {e}"
-        if server.debug_enabled:
-            message += f" ({type(e).__name__})"
-    # release with the handled signals blocked, so a second SIGTERM cannot cut it short
+        try:
+            _main_loop(session, proto_in)
+        finally:
+            server._interrupts.finishing = True
+    except BaseException as e:  # classified below; a late signal lands here too
+        outcome = e
     signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    code, message, signum = 0, "", None
+    if isinstance(outcome, _Quit):
+        code, message = outcome.code, outcome.message
+    elif isinstance(outcome, ServerFailure):
+        code, message = EXIT_SERVER_FAILURE, f"{prog}: failure: {outcome}"
+    elif isinstance(outcome, _Signalled):
+        signum = outcome.signum
+    elif isinstance(outcome, BrokenPipeError):
+        signum = signal.SIGPIPE  # the client went away: same as its SIGPIPE
+    elif isinstance(outcome, _Timeout):
+        code, message = EXIT_SERVER_UNEXPECTED, f"{prog}: unexpected timeout"
+    else:  # no traceback reaches a user; -d shows the type
+        code = EXIT_SERVER_UNEXPECTED
+        message = f"{prog}: unexpected error: {outcome}"
+        if server.debug_enabled:
+            message += f" ({type(outcome).__name__})"
     try:
         session.release()
-    except (ServerFailure, CommandFailed, _Timeout, _Signalled, Exception) as e:
+    except BaseException as e:
         extra = f"{prog}: failure while releasing the testbed: {e}"
         message = f"{message}\n{extra}" if message else extra
         if not code:
@@ -703,12 +700,24 @@ def serve(server: VirtServer) -> int:
     with contextlib.suppress(OSError):
         proto_out.close()
     if signum is not None:
+        # die of the same signal, as the caller expects of a server it signalled
         signal.signal(signum, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
         os.kill(os.getpid(), signum)
         time.sleep(1)  # the signal is delivered before this returns; belt and braces
         return 128 + signum
     return code
+
+
+def _main_loop(session: _Session, proto_in: BinaryIO) -> NoReturn:
+    session.send(["ok"])
+    while True:
+        raw_line = proto_in.readline()
+        if not raw_line:
+            raise ServerFailure("end of file - caller quit?")
+        line = raw_line.decode("UTF-8", "surrogateescape").strip()
+        if not line:
+            continue  # blank lines are skipped, as VirtSubproc does
+        session.dispatch(line)
 
 
 def common_parser(name: str) -> argparse.ArgumentParser:
