@@ -1,0 +1,74 @@
+"""What to build: the options of `nestbed image build`, validated, as one frozen value."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from nestbed.image.errors import ImageError
+
+RELEASES = ("bookworm", "trixie", "sid")
+ARCHES = ("amd64",)
+DEFAULT_RELEASE = "bookworm"
+DEFAULT_SIZE = 4 << 30
+
+# What every image has. linux-image-cloud-amd64: boots fast, has virtio-serial, NBD, NFS,
+# KVM as modules (no 9p). python3: the control agent.
+BASE_PACKAGES = ("linux-image-cloud-amd64", "systemd-sysv", "udev", "python3")
+# What a test needs to boot the image again inside the VM.
+NESTED_PACKAGES = ("qemu-system-x86", "qemu-utils")
+
+_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9]+)?(=[A-Za-z0-9.+~:-]+)?$")
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'4G', '512M', '4GiB', '1073741824' → bytes (binary units)."""
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise ImageError(f"bad size {text!r} (examples: 4G, 512M)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def format_size(n: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    for unit in ("G", "M", "K"):
+        if n >= _UNITS[unit]:
+            return f"{n / _UNITS[unit]:.1f}{unit}"
+    return str(n)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    release: str = DEFAULT_RELEASE
+    arch: str = "amd64"
+    mirror: str | None = None  # None: the mirror the machine's apt uses
+    nested: bool = False
+    size: int = DEFAULT_SIZE
+    include: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.release not in RELEASES:
+            raise ImageError(f"unknown release {self.release!r} (known: {', '.join(RELEASES)})")
+        if self.arch not in ARCHES:
+            raise ImageError(f"unsupported architecture {self.arch!r} (known: {', '.join(ARCHES)})")
+        if self.size < 512 << 20:
+            raise ImageError(f"image size {format_size(self.size)} is too small (at least 512M)")
+        for pkg in self.include:
+            if not _PACKAGE_RE.match(pkg):
+                raise ImageError(f"bad package name in --include: {pkg!r}")
+        if self.mirror is not None and not re.match(r"^(https?|file)://\S+$", self.mirror):
+            raise ImageError(f"bad mirror URL {self.mirror!r} (http://, https:// or file://)")
+
+    @property
+    def flavour(self) -> str:
+        return "nested" if self.nested else "minimal"
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        extra = NESTED_PACKAGES if self.nested else ()
+        seen: dict[str, None] = dict.fromkeys((*BASE_PACKAGES, *extra, *self.include))
+        return tuple(seen)

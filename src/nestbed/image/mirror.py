@@ -1,0 +1,126 @@
+"""Which Debian mirror to build from: the one the machine's apt uses, unless told otherwise.
+
+Reads /etc/apt/sources.list.d/*.sources (deb822) and /etc/apt/sources.list (one-line
+format), and turns the host's entries into the image's apt sources for the requested
+release: the host's `CODENAME`, `CODENAME-updates` and `CODENAME-security` suites are
+mapped to the image's release (sid has no -updates or -security). `--mirror URL` replaces
+all of that with one `deb URL RELEASE main` entry.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from debian.deb822 import Deb822
+
+from nestbed.image.errors import ImageError
+
+APT_ETC = Path("/etc/apt")
+_SUFFIXES = ("", "-updates", "-security")
+_ROLLING = ("sid", "unstable")
+
+
+@dataclass(frozen=True)
+class AptSource:
+    uri: str
+    suites: tuple[str, ...]
+    components: tuple[str, ...]
+
+    def lines(self) -> list[str]:
+        comps = " ".join(self.components)
+        return [f"deb {self.uri} {suite} {comps}" for suite in self.suites]
+
+
+def _parse_deb822(text: str) -> list[AptSource]:
+    found = []
+    for para in Deb822.iter_paragraphs(text.splitlines()):
+        if "deb" not in para.get("Types", "").split():
+            continue
+        if para.get("Enabled", "yes").strip().lower() == "no":
+            continue
+        comps = tuple(para.get("Components", "main").split())
+        for uri in para.get("URIs", "").split():
+            found.append(AptSource(uri.rstrip("/"), tuple(para.get("Suites", "").split()), comps))
+    return found
+
+
+def _parse_one_line(text: str) -> list[AptSource]:
+    found = []
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        line = re.sub(r"\[[^\]]*\]", " ", line)  # options like [signed-by=...]
+        words = line.split()
+        if len(words) >= 3 and words[0] == "deb":
+            found.append(
+                AptSource(words[1].rstrip("/"), (words[2],), tuple(words[3:]) or ("main",))
+            )
+    return found
+
+
+def host_sources(etc: Path = APT_ETC) -> list[AptSource]:
+    """The enabled binary (`deb`) entries of the machine's apt configuration, in apt's order."""
+    found: list[AptSource] = []
+    one_line = etc / "sources.list"
+    if one_line.is_file():
+        found += _parse_one_line(one_line.read_text(errors="replace"))
+    parts = etc / "sources.list.d"
+    if parts.is_dir():
+        for path in sorted(parts.iterdir()):
+            if path.suffix == ".sources":
+                found += _parse_deb822(path.read_text(errors="replace"))
+            elif path.suffix == ".list":
+                found += _parse_one_line(path.read_text(errors="replace"))
+    return found
+
+
+def _codename(sources: list[AptSource]) -> str | None:
+    for src in sources:
+        for suite in src.suites:
+            if re.fullmatch(r"[a-z]+", suite):
+                return suite
+    return None
+
+
+def image_sources(release: str, mirror: str | None, etc: Path = APT_ETC) -> list[AptSource]:
+    """The apt sources the image is built from and keeps; the first one is the main mirror."""
+    if mirror is not None:
+        return [AptSource(mirror.rstrip("/"), (release,), ("main",))]
+    host = host_sources(etc)
+    codename = _codename(host)
+    if codename is None:
+        raise ImageError(f"no Debian mirror found in {etc}/sources.list(.d); give --mirror URL")
+    wanted = {codename + s: release + s for s in _SUFFIXES}
+    result: list[AptSource] = []
+    for src in host:
+        suites = tuple(
+            wanted[s]
+            for s in src.suites
+            if s in wanted and not (release in _ROLLING and wanted[s] != release)
+        )
+        if suites:
+            result.append(AptSource(src.uri, suites, src.components))
+    if not result or release not in result[0].suites:
+        raise ImageError(f"no Debian mirror found in {etc}/sources.list(.d); give --mirror URL")
+    return result
+
+
+def probe(source: AptSource, release: str, timeout: float = 15.0) -> None:
+    """Fail early, with one line, when the mirror cannot be reached or lacks the release."""
+    url = f"{source.uri}/dists/{release}/InRelease"
+    request = urllib.request.Request(url, method="HEAD" if url.startswith("http") else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            pass
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise ImageError(f"release {release} not found on mirror {source.uri}") from None
+        raise ImageError(f"mirror {source.uri} answered {e.code} {e.reason} for {url}") from None
+    except (TimeoutError, urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        if isinstance(e, urllib.error.URLError) and source.uri.startswith("file:"):
+            raise ImageError(f"release {release} not found on mirror {source.uri}") from None
+        raise ImageError(f"mirror {source.uri} unreachable: {reason}") from None

@@ -1,0 +1,296 @@
+"""A QEMU virtual machine as an object, in the manner of qemu.machine.QEMUMachine.
+
+`launch()` either returns a running machine whose control agent has answered, or raises one
+MachineError carrying the command line and QEMU's (and the console's) last words. Every
+resource -- the QEMU process, its throwaway overlay and sockets, the temporary directory,
+the channel -- is released in one place, `_post_shutdown()`, which also runs after a failed
+launch. Use it as a context manager.
+
+The base image is never written: the root disk is a qcow2 overlay in a private temporary
+directory. Extra disks (the read-only base image for nested tests, ...) follow the root disk
+in order, each as `-drive if=none` + `-device virtio-blk-pci,serial=...` (mixing `if=virtio`
+with `-device` reorders disks on QEMU 7.2). The default accelerator is TCG with `-cpu max`:
+KVM on this project's machines cannot run a stock kernel (shared/MACHINE-NOTES.md), and
+`-cpu max` under TCG gives the guest SVM, so KVM works inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+from nestbed.errors import TestbedFailure
+from nestbed.guest.agent import PORT_NAME
+from nestbed.guest.channel import Channel, ChannelError
+from nestbed.image.cache import ImagePaths
+from nestbed.image.proc import CommandFailed, cmdline, run, spawn, stop
+
+BASE_SERIAL = "nestbed-base"
+
+
+class MachineError(TestbedFailure):
+    """QEMU could not be started, died, or its guest did not come up."""
+
+
+@dataclass(frozen=True)
+class Drive:
+    """An extra disk, attached after the root disk."""
+
+    path: Path
+    serial: str
+    format: str = "raw"
+    readonly: bool = True
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    root: Path  # the base image: booted through an overlay, never written
+    root_format: str = "raw"
+    root_serial: str = "nestbed-root"
+    drives: tuple[Drive, ...] = ()
+    memory_mb: int = 2048
+    cpus: int = 2
+    accel: str = "tcg"
+    cpu: str = "max"
+    network: bool = True
+    agent_port: str = PORT_NAME
+    qemu: str = "qemu-system-x86_64"
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def for_image(cls, image: ImagePaths, *, base_image: bool = False, **kw: Any) -> MachineConfig:
+        """Boot a nestbed image; with base_image, also attach it read-only (serial nestbed-base)."""
+        m = image.manifest
+        drives = (Drive(image.disk, m.base_serial, m.format),) if base_image else ()
+        return cls(
+            kernel=image.kernel,
+            initrd=image.initrd,
+            cmdline=m.cmdline,
+            root=image.disk,
+            root_format=m.format,
+            root_serial=m.root_serial,
+            drives=drives,
+            agent_port=m.agent_port,
+            **kw,
+        )
+
+
+def _opt(value: str | os.PathLike[str]) -> str:
+    """A value inside a QEMU option list: commas are doubled."""
+    return os.fspath(value).replace(",", ",,")
+
+
+class Machine:
+    def __init__(self, config: MachineConfig, *, console_log: Path | None = None) -> None:
+        self.config = config
+        self._console_log = console_log
+        self._tmp: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._qemu_log: BinaryIO | None = None
+        self._channel: Channel | None = None
+        self._argv: list[str] = []
+        self.console_output = ""  # the console's tail, kept after shutdown
+
+    # -- paths --------------------------------------------------------------------------
+    def _path(self, name: str) -> Path:
+        assert self._tmp is not None, "machine not launched"
+        return self._tmp / name
+
+    @property
+    def console_log(self) -> Path:
+        return self._console_log or self._path("console.log")
+
+    @property
+    def control_socket(self) -> Path:
+        return self._path("control.sock")
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self._path("qmp.sock")
+
+    @property
+    def overlay(self) -> Path:
+        return self._path("root.qcow2")
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    # -- command line -------------------------------------------------------------------
+    def argv(self) -> list[str]:
+        c = self.config
+        argv = [
+            c.qemu, "-nodefaults", "-no-user-config", "-display", "none",
+            "-accel", c.accel, "-cpu", c.cpu, "-smp", str(c.cpus), "-m", str(c.memory_mb),
+            "-kernel", os.fspath(c.kernel), "-initrd", os.fspath(c.initrd), "-append", c.cmdline,
+            "-drive", f"if=none,id=root,file={_opt(self.overlay)},format=qcow2,discard=unmap",
+            "-device", f"virtio-blk-pci,drive=root,serial={_opt(c.root_serial)}",
+        ]  # fmt: skip
+        for i, d in enumerate(c.drives, 1):
+            ro = ",readonly=on" if d.readonly else ""
+            path = _opt(d.path.absolute())
+            argv += [
+                "-drive", f"if=none,id=disk{i},file={path},format={d.format}{ro}",
+                "-device", f"virtio-blk-pci,drive=disk{i},serial={_opt(d.serial)}",
+            ]  # fmt: skip
+        argv += [
+            "-chardev", f"socket,id=control,path={_opt(self.control_socket)},server=on,wait=off",
+            "-device", "virtio-serial-pci,id=vser0",
+            "-device", f"virtserialport,bus=vser0.0,chardev=control,name={_opt(c.agent_port)}",
+            "-chardev", f"file,id=console,path={_opt(self.console_log)}",
+            "-serial", "chardev:console",
+            "-qmp", f"unix:{_opt(self.qmp_socket)},server=on,wait=off",
+            "-device", "virtio-rng-pci",
+        ]  # fmt: skip
+        if c.network:
+            argv += ["-nic", "user,model=virtio-net-pci"]
+        return argv + list(c.extra_args)
+
+    # -- life cycle ---------------------------------------------------------------------
+    def launch(self, timeout: float = 180.0) -> None:
+        """Start QEMU and wait until the guest's control agent answers."""
+        if self._proc is not None:
+            raise MachineError("machine already launched")
+        deadline = time.monotonic() + timeout
+        try:
+            self._tmp = Path(tempfile.mkdtemp(prefix="nestbed-qemu-"))
+            c = self.config
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", c.root_format,
+                 "-b", c.root.absolute(), self.overlay])  # fmt: skip
+            self._argv = self.argv()
+            self._qemu_log = open(self._path("qemu.log"), "wb")  # noqa: SIM115 - closed in _post_shutdown
+            self._proc = spawn(self._argv, stdout=self._qemu_log, stderr=subprocess.STDOUT)
+            while not (self.control_socket.exists() and self.qmp_socket.exists()):
+                self._check_alive("QEMU exited during start-up")
+                if time.monotonic() > deadline:
+                    raise MachineError("QEMU did not create its sockets in time")
+                time.sleep(0.02)
+            self._connect(deadline)
+        except CommandFailed as e:
+            self._post_shutdown()
+            raise MachineError(f"cannot create the overlay: {e}") from None
+        except MachineError as e:
+            self._post_shutdown()
+            raise MachineError(self._explain(str(e))) from None
+        except BaseException:
+            self._post_shutdown()
+            raise
+
+    def _connect(self, deadline: float) -> None:
+        while True:
+            self._check_alive("QEMU exited while the guest was booting")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise MachineError("the guest's control agent did not answer in time")
+            try:
+                self._channel = Channel.connect(self.control_socket, timeout=min(remaining, 5.0))
+                return
+            except ChannelError:
+                continue
+
+    def _check_alive(self, what: str) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            raise MachineError(what)
+
+    def _explain(self, what: str) -> str:
+        qemu_out = self._tail(self._tmp / "qemu.log" if self._tmp else None, 3)
+        console = self.console_output or self._tail(self._safe_console(), 5)
+        parts = [what, f"command: {cmdline(self._argv)}" if self._argv else ""]
+        if qemu_out:
+            parts.append(f"qemu said: {qemu_out}")
+        if console:
+            parts.append(f"console ends: {console}")
+        return "; ".join(p for p in parts if p)
+
+    def _safe_console(self) -> Path | None:
+        return self.console_log if self._tmp is not None or self._console_log else None
+
+    @staticmethod
+    def _tail(path: Path | None, lines: int) -> str:
+        if path is None or not path.exists():
+            return ""
+        text = path.read_bytes()[-8192:].decode("utf-8", "replace")
+        return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
+
+    @property
+    def channel(self) -> Channel:
+        if self._channel is None:
+            raise MachineError("machine not launched")
+        return self._channel
+
+    def qmp(self, command: str, **arguments: Any) -> Any:
+        """One QMP command on a fresh connection; returns its 'return' value."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(os.fspath(self.qmp_socket))
+            f = s.makefile("rwb")
+            json.loads(f.readline())  # greeting
+            for cmd, args in (("qmp_capabilities", {}), (command, arguments)):
+                f.write(json.dumps({"execute": cmd, "arguments": args}).encode() + b"\n")
+                f.flush()
+                while True:
+                    reply = json.loads(f.readline())
+                    if "return" in reply or "error" in reply:
+                        break  # events in between are skipped
+                if "error" in reply:
+                    raise MachineError(f"QMP {cmd}: {reply['error'].get('desc')}")
+            return reply["return"]
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the machine (QMP quit: the overlay is thrown away, so no guest shutdown is
+        needed) and release everything."""
+        if self.running:
+            with contextlib.suppress(OSError, MachineError, ValueError):
+                self.qmp("quit")
+            assert self._proc is not None
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=timeout)
+        self._post_shutdown()
+
+    def kill(self) -> None:
+        self._post_shutdown()
+
+    def _post_shutdown(self) -> None:
+        """The one place every resource is released; safe to call more than once."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self._proc is not None:
+            stop(self._proc, grace=5.0)
+            self._proc = None
+        if self._qemu_log is not None:
+            self._qemu_log.close()
+            self._qemu_log = None
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                console = self.console_log
+                if console.exists():
+                    self.console_output = console.read_bytes()[-65536:].decode("utf-8", "replace")
+            tmp, self._tmp = self._tmp, None
+            for entry in tmp.iterdir():
+                entry.unlink()
+            tmp.rmdir()
+
+    def __enter__(self) -> Machine:
+        self.launch()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown()
