@@ -237,7 +237,7 @@ def test_server_stderr_goes_to_log() -> None:
 # ---- resolving names -----------------------------------------------------------------------
 
 
-def test_resolve_virt_server(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resolve_virt_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert resolve_virt_server("/usr/bin/autopkgtest-virt-null") == [
         "/usr/bin/autopkgtest-virt-null"
     ]
@@ -247,3 +247,10 @@ def test_resolve_virt_server(monkeypatch: pytest.MonkeyPatch) -> None:
     if beside.exists():
         monkeypatch.setenv("PATH", "/nonexistent")
         assert resolve_virt_server("null") == [str(beside)]
+    # not beside this Python: PATH
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "nestbed-virt-fake").write_text("#!/bin/sh\n")
+    (bindir / "nestbed-virt-fake").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bindir))
+    assert resolve_virt_server("fake") == [str(bindir / "nestbed-virt-fake")]

@@ -69,19 +69,23 @@ class ExecResult(NamedTuple):
 
 
 def resolve_virt_server(name: str) -> list[str]:
-    """argv of the server for `name`: ``null`` -> nestbed-virt-null from PATH, else from the
-    bin dir of this Python (a venv not on PATH); a value with '/' is a path used as given."""
+    """argv of the server for `name`: ``null`` -> nestbed-virt-null from the bin dir of this
+    Python, else from PATH; a value with '/' is a path used as given.
+
+    The bin dir comes first: it is the same installation as the running runner, where PATH
+    may hold another checkout's or an older release's script.
+    """
     if "/" in name:
         return [name]
     prog = f"nestbed-virt-{name}"
-    found = shutil.which(prog)
-    if found:
-        return [found]
     bindir = os.path.dirname(sys.executable)
     beside = os.path.join(bindir, prog)
     if os.path.isfile(beside) and os.access(beside, os.X_OK):
         return [beside]
-    raise UsageError(f"unknown virt server '{name}': no {prog} in PATH nor in {bindir}")
+    found = shutil.which(prog)
+    if found:
+        return [found]
+    raise UsageError(f"unknown virt server '{name}': no {prog} in {bindir} nor in PATH")
 
 
 class _LineReader:
@@ -449,7 +453,7 @@ class Testbed:
             self._kill()
             raise TestbedFailure(
                 f"virt server {self.name} did not answer `{cmd}' within {timeout:g}s"
-                " (killed it)" + self._stderr_summary()
+                " (stopped it)" + self._stderr_summary()
             )
         if not raw.endswith(b"\n"):
             raise self._died(cmd)
@@ -458,12 +462,19 @@ class Testbed:
         return line.split()
 
     def _kill(self) -> None:
+        """Stop a server that is out of step: SIGTERM first, as servers release their
+        testbed (a VM, a container) on it, then SIGKILL for its whole process group."""
         proc = self._proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(_QUIT_GRACE)
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(OSError):
+            proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(_QUIT_GRACE)
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(_QUIT_GRACE)
 
     def _died(self, cmd: str) -> TestbedFailure:
         """The server closed its stdout: collect how it ended, for the message."""
