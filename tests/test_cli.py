@@ -59,7 +59,6 @@ def test_directory_without_debian_is_one_line(tmp_path: Path) -> None:
     assert p.returncode == 20
     assert p.stderr.strip().splitlines() == [
         f"nestbed: error: {tmp_path} is not a valid test package: it has no debian/control"
-        " (see 'nestbed --help')"
     ]
 
 

@@ -12,6 +12,7 @@ from typing import NoReturn
 from nestbed import errors
 from nestbed.log import DEBUG, INFO, QUIET, program_name
 from nestbed.run.options import DEFAULT_TIMEOUTS, PackageArg, RunOptions, Timeouts
+from nestbed.testbed.client import resolve_virt_server
 
 DESCRIPTION = """\
 Run the as-installed tests (DEP-8, debian/tests/control) of a Debian source package in a
@@ -118,31 +119,56 @@ def _build_parser() -> _Parser:
     g.add_argument("-o", "--output-dir", metavar="DIR", help="write all results and logs to DIR")
     g.add_argument("-l", "--log-file", dest="logfile", metavar="FILE", help="copy the log to FILE")
     g.add_argument(
-        "--summary-file", "--summary", dest="summary", metavar="FILE", help="write result lines to FILE"
+        "--summary-file",
+        "--summary",
+        dest="summary",
+        metavar="FILE",
+        help="write result lines to FILE",
     )
-    g.add_argument("--json", dest="json_file", metavar="FILE", help="write one JSON record per test")
-    g.add_argument("--junit", dest="junit_file", metavar="FILE", help="write JUnit XML (GitLab, Jenkins)")
     g.add_argument(
-        "-q", "--quiet", dest="verbosity", action="store_const", const=QUIET, default=INFO,
+        "--json", dest="json_file", metavar="FILE", help="write one JSON record per test"
+    )
+    g.add_argument(
+        "--junit", dest="junit_file", metavar="FILE", help="write JUnit XML (GitLab, Jenkins)"
+    )
+    g.add_argument(
+        "-q",
+        "--quiet",
+        dest="verbosity",
+        action="store_const",
+        const=QUIET,
+        default=INFO,
         help="print only results and errors",
     )
     g.add_argument(
-        "-d", "--debug", dest="verbosity", action="store_const", const=DEBUG,
+        "-d",
+        "--debug",
+        dest="verbosity",
+        action="store_const",
+        const=DEBUG,
         help="print debugging output",
     )
 
     g = p.add_argument_group("test environment")
     g.add_argument(
-        "--env", action="append", default=[], metavar="VAR=VALUE",
+        "--env",
+        action="append",
+        default=[],
+        metavar="VAR=VALUE",
         help="set an environment variable for tests (repeatable)",
     )
     g.add_argument("--set-lang", metavar="LANGVAL", help="set LANG for tests (default C.UTF-8)")
     g.add_argument(
-        "--ignore-restrictions", action="append", default=[], metavar="R1,R2",
+        "--ignore-restrictions",
+        action="append",
+        default=[],
+        metavar="R1,R2",
         help="run tests even if these restrictions would skip them",
     )
     g.add_argument(
-        "-u", "--user", metavar="USER",
+        "-u",
+        "--user",
+        metavar="USER",
         help="run tests without needs-root as USER (default: the testbed's suggested user)",
     )
     g.add_argument("--build-parallel", metavar="N", help="DEB_BUILD_OPTIONS parallel=N")
@@ -150,11 +176,17 @@ def _build_parser() -> _Parser:
     g = p.add_argument_group("timeouts (seconds)")
     for kind, default in DEFAULT_TIMEOUTS.items():
         g.add_argument(
-            f"--timeout-{kind}", type=int, metavar="T", dest=f"timeout_{kind}",
+            f"--timeout-{kind}",
+            type=int,
+            metavar="T",
+            dest=f"timeout_{kind}",
             help=f"{kind} timeout (default {default})",
         )
     g.add_argument(
-        "--timeout-factor", type=float, default=1.0, metavar="FACTOR",
+        "--timeout-factor",
+        type=float,
+        default=1.0,
+        metavar="FACTOR",
         help="multiply all default timeouts by FACTOR",
     )
     p.add_argument("-h", "--help", action="help", help="show this help and exit")
@@ -194,6 +226,7 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
     ns = parser.parse_args(ours)
     if not virt:
         parser.error("no testbed given: add -- VIRT-SERVER, e.g. '-- null'")
+    resolve_virt_server(virt[0])  # an unknown testbed is a usage error, before anything starts
     for e in ns.env:
         if "=" not in e:
             parser.error(f"--env must be VAR=value, got {e!r}")

@@ -20,6 +20,8 @@ class Verdict(enum.Enum):
 class TestResult:
     """What happened to one test; `line()` is the text autopkgtest prints after the name."""
 
+    __test__ = False  # a data class, not a pytest test class
+
     name: str
     verdict: Verdict
     reason: str = ""

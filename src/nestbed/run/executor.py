@@ -27,6 +27,8 @@ KILL_GRACE = 30.0
 class TestRun:
     """What the test did: exit status, its two output streams, and whether it ran out of time."""
 
+    __test__ = False  # a data class, not a pytest test class
+
     returncode: int
     stdout: bytes
     stderr: bytes
@@ -71,6 +73,8 @@ def decide(test: TestSpec, run: TestRun, package: str = "") -> TestResult:
 @dataclass(frozen=True)
 class TestEnvironment:
     """Where a test runs in the testbed and as whom."""
+
+    __test__ = False  # a data class, not a pytest test class
 
     tree: str  # the source tree in the testbed
     scratch: str

@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -65,6 +66,11 @@ class Session:
         self._package: PackageArg | None = None
         self._tree_stale = False
 
+    @property
+    def copy_timeout(self) -> int:
+        # the virt server enforces the copy timeout itself; give it room to report first
+        return self.options.timeouts.copy + 30
+
     # -- result lines ---------------------------------------------------------------------
     def summary_line(self, text: str) -> None:
         self.summary.write(text.encode("UTF-8", "replace") + b"\n")
@@ -86,6 +92,8 @@ class Session:
         info(f"starting date and time: {time.strftime('%Y-%m-%d %H:%M:%S%z')}")
         info(f"version {VERSION}")
         info(f"host {socket.gethostname()}; command line: {shlex.join(sys.argv)}")
+        # the copy timeout is the virt server's to enforce: it reads it from the environment
+        os.environ["AUTOPKGTEST_VIRT_COPY_TIMEOUT"] = str(self.options.timeouts.copy)
         try:
             self.testbed = Testbed(
                 resolve_virt_server(self.options.virt_argv[0]) + list(self.options.virt_argv[1:]),
@@ -164,7 +172,7 @@ class Session:
             with open(wrapper, "wb") as f:
                 f.write(files("nestbed.run").joinpath("wrapper.sh").read_bytes())
             os.chmod(wrapper, 0o755)
-            tb.copydown(wrapper, self.wrapper_path, timeout=self.options.timeouts.copy)
+            tb.copydown(wrapper, self.wrapper_path, timeout=self.copy_timeout)
         self._check_exec(["chmod", "0755", self.wrapper_path], "installing the test wrapper")
         if self.user is None:
             self.user = self.options.user
@@ -231,7 +239,7 @@ class Session:
             )
         self._reset(())
         self._package = package
-        tree = prepare(self.testbed, package, self.options.timeouts.copy)
+        tree = prepare(self.testbed, package, self.copy_timeout)
         self._tree_stale = False
         if tree.name:
             self.console.info(f"testing package {tree.name} version {tree.version}")
@@ -298,7 +306,7 @@ class Session:
         if self._tree_stale:
             # a revert took the tree away with everything else
             assert self._package is not None
-            tree = prepare(tb, self._package, self.options.timeouts.copy)
+            tree = prepare(tb, self._package, self.copy_timeout)
             self._tree_stale = False
         try:
             deps.install(tb, test.depends, self.console, self.options.timeouts.install)
@@ -425,7 +433,7 @@ class Session:
         self.testbed.copyup(
             env.artifacts_dir(test) + "/",
             artifacts + "/",
-            timeout=self.options.timeouts.copy,
+            timeout=self.copy_timeout,
         )
         if not os.listdir(artifacts):
             os.rmdir(artifacts)
@@ -463,6 +471,18 @@ class Session:
             self.status.code = errors.EXIT_UNEXPECTED
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: unwind through every cleanup, then die of the same signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
 def run(options: RunOptions) -> int:
     console = Console(options.verbosity)
     try:
@@ -470,7 +490,17 @@ def run(options: RunOptions) -> int:
     except OSError as e:
         print(f"nestbed: error: {e}", file=sys.stderr)
         return errors.EXIT_UNEXPECTED
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return session.run()
+    except Interrupted as e:
+        console.error(f"Received signal {e.signum}, cleaning up...")
+        # close() below releases the testbed; then die of the signal, as autopkgtest does
+        session.close()
+        signal.signal(e.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), e.signum)
+        return 128 + e.signum
     finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         session.close()

@@ -13,6 +13,8 @@ class TestSpec:
     and `command` (a Test-Command shell string) is set.
     """
 
+    __test__ = False  # a data class, not a pytest test class
+
     name: str
     path: str | None
     command: str | None

@@ -1,1 +1,1 @@
-"""The testbed: the virt-server wire protocol, its client (the runner's Testbed) and server framework."""
+"""The testbed: the virt-server wire protocol, its client and the server framework."""
