@@ -46,7 +46,7 @@ _ACTIVE_PROFILES: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
-class TestDependency:
+class Alternative:
     """One alternative of a test's Depends, e.g. "foo:any (>= 1.0) [linux-any]"."""
 
     name: str
@@ -71,7 +71,7 @@ class DependencyError(ValueError):
     """One alternative of a test's Depends is invalid; str() says why."""
 
 
-def parse_test_dependency(text: str) -> TestDependency:
+def parse_test_dependency(text: str) -> Alternative:
     """Parse one alternative of a test's Depends (raises DependencyError)."""
     text = text.strip()
     m = _TEST_DEP.match(text)
@@ -92,7 +92,7 @@ def parse_test_dependency(text: str) -> TestDependency:
                 f"invalid dependency '{text}': invalid version '{version}'"
             ) from e
     arches = m.group("arches")
-    return TestDependency(
+    return Alternative(
         name=m.group("name"),
         archqual=m.group("archqual"),
         op=m.group("op"),
