@@ -60,6 +60,7 @@ class Plan:
             json.dumps(
                 {
                     "recipe": RECIPE_VERSION,
+                    "contents": contents.fingerprint(),
                     "sources": [line for s in self.sources for line in s.lines()],
                     "size": self.options.size,
                     "packages": sorted(self.options.packages),

@@ -11,6 +11,7 @@ Both run inside mmdebstrap's namespace, so they work in root and unshare (rootle
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from dataclasses import dataclass
@@ -125,6 +126,16 @@ cp -R --preserve=mode {payload}/. "$1/"
 class Hooks:
     setup: Path
     customize: Path
+
+
+def fingerprint() -> str:
+    """Changes whenever what nestbed puts into an image changes (part of the cache key)."""
+    h = hashlib.sha256()
+    for part in (repr(sorted(FILES.items())), repr(sorted(SETUP_FILES.items())), CUSTOMIZE,
+                 SETUP, repr(MASKED_UNITS), Path(agent.__file__).read_text()):  # fmt: skip
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
 
 
 def _write_tree(root: Path, files: dict[str, tuple[str | bytes, int]]) -> None:

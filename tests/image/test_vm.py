@@ -1,0 +1,110 @@
+"""Boot a built image under QEMU (TCG) and talk to its control agent."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nestbed.image import ImagePaths
+from nestbed.qemu.machine import Machine, MachineConfig, MachineError
+
+pytestmark = pytest.mark.vm
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def booted(nestbed_image: ImagePaths) -> Iterator[tuple[Machine, str]]:
+    """The image booted once for this module, with itself attached again as the base image."""
+    before = sha256(nestbed_image.disk)
+    machine = Machine(MachineConfig.for_image(nestbed_image, base_image=True))
+    machine.launch()
+    try:
+        yield machine, before
+    finally:
+        machine.shutdown()
+
+
+def test_agent_answers(booted: tuple[Machine, str], nestbed_image: ImagePaths) -> None:
+    machine, _ = booted
+    ch = machine.channel
+    assert ch.ping() < 10
+    res = ch.exec(["uname", "-r"], timeout=60)
+    assert res.status == 0
+    assert res.stdout.decode().strip() == nestbed_image.manifest.kernel_version
+
+
+def test_exec_user_env_stdin_signal(booted: tuple[Machine, str]) -> None:
+    ch = booted[0].channel
+    res = ch.exec(["sh", "-c", 'id -un; echo "$HOME $X"; pwd; cat; echo e >&2'],
+                  user="nestbed", env={"X": "y"}, stdin=b"in\n", timeout=60)  # fmt: skip
+    assert res.stdout == b"nestbed\n/home/nestbed y\n/home/nestbed\nin\n"
+    assert (res.stderr, res.status) == (b"e\n", 0)
+    assert ch.exec(["sh", "-c", "kill -9 $$"], timeout=60).signal == 9
+
+
+def test_put_get_round_trip(booted: tuple[Machine, str], tmp_path: Path) -> None:
+    ch = booted[0].channel
+    src = tmp_path / "tree"
+    (src / "d").mkdir(parents=True)
+    (src / "x.sh").write_text("#!/bin/sh\necho from-host\n")
+    (src / "x.sh").chmod(0o751)
+    (src / "d" / "blob").write_bytes(os.urandom(300_000))
+    (src / "l").symlink_to("d/blob")
+    ch.put(src, "/srv/in", timeout=60)
+    assert ch.exec(["/srv/in/tree/x.sh"], timeout=60).stdout == b"from-host\n"
+    res = ch.exec(["stat", "-c", "%a %F", "/srv/in/tree/x.sh", "/srv/in/tree/l"], timeout=60)
+    assert res.stdout == b"751 regular file\n777 symbolic link\n"
+    out = tmp_path / "out"
+    out.mkdir()
+    ch.get("/srv/in/tree", out, timeout=60)
+    assert (out / "tree" / "d" / "blob").read_bytes() == (src / "d" / "blob").read_bytes()
+    assert stat.S_IMODE((out / "tree" / "x.sh").stat().st_mode) == 0o751
+    assert os.readlink(out / "tree" / "l") == "d/blob"
+
+
+def test_root_overlay_and_readonly_base_are_told_apart(booted: tuple[Machine, str]) -> None:
+    ch = booted[0].channel
+    script = (
+        'root=$(readlink -f "$(findmnt -no SOURCE /)"); base=$(readlink -f /dev/baseimage);'
+        " byid=$(readlink -f /dev/disk/by-id/virtio-nestbed-base);"
+        ' echo "$root $base $byid $(blockdev --getro $root) $(blockdev --getro $base)";'
+        " findmnt -no OPTIONS / | cut -d, -f1; touch /written-by-guest && echo wrote"
+    )
+    res = ch.exec(["sh", "-c", script], timeout=60)
+    assert res.status == 0, res.stderr
+    root, base, byid, root_ro, base_ro, root_opts, wrote = res.stdout.decode().split()
+    assert (root, base, byid) == ("/dev/vda", "/dev/vdb", "/dev/vdb")
+    assert (root_ro, base_ro, root_opts, wrote) == ("0", "1", "rw", "wrote")
+    # the base really is read-only, even for root
+    res = ch.exec(["dd", "if=/dev/zero", "of=/dev/vdb", "bs=512", "count=1"], timeout=60)
+    assert res.status != 0
+
+
+def test_base_image_unchanged_after_boot(
+    booted: tuple[Machine, str], nestbed_image: ImagePaths
+) -> None:
+    machine, before = booted
+    machine.channel.exec(["sync"], timeout=60)
+    machine.shutdown()
+    assert not machine.running
+    assert sha256(nestbed_image.disk) == before
+
+
+def test_failed_launch_releases_everything(nestbed_image: ImagePaths, tmp_path: Path) -> None:
+    config = MachineConfig.for_image(nestbed_image, extra_args=("-no-such-option",))
+    machine = Machine(config)
+    with pytest.raises(MachineError, match="no-such-option"):
+        machine.launch(timeout=30)
+    assert not machine.running and machine._tmp is None
