@@ -11,7 +11,8 @@ each with its own fresh OUTDIR and SUMMARY. `compare()` then lists every differe
 * the names of all files and directories in OUTDIR;
 * the contents of every regular file in OUTDIR (per-test `*-stdout`, `*-stderr`,
   `*-packages`, `testpkg-version`, `artifacts/...`), byte for byte, except for:
-  `log` (only its result lines, ERROR lines and closing summary block are compared),
+  `log` (only its ERROR lines and closing summary block are compared; in
+  `ERROR: timed out on command "..."` the quoted internal script is not),
   `testinfo.json` (compared as JSON, with the virt server's program name normalised) and
   `testbed-packages` (a snapshot of the host's dpkg database, which earlier runs change).
 
@@ -30,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +42,15 @@ FIXTURES = REPO / "tests" / "fixtures" / "packages"
 # One run of either program may not take longer than this (seconds).
 RUN_TIMEOUT = 1800
 
+# Runs that fail because another process on the machine holds dpkg's lock are repeated.
+DPKG_LOCKED = re.compile(rb"dpkg frontend lock was locked by another process|Could not get lock")
+DPKG_LOCK_ATTEMPTS = 4
+DPKG_LOCK_PAUSE = 15.0
+
 RESULT_LINE = re.compile(r"^(?:\S+ +(?:PASS|FAIL|SKIP|FLAKY|BROKEN)(?: .*)?|blame: .*|badpkg: .*)$")
-LOG_PREFIX = re.compile(r"^(?:autopkgtest|nestbed) \[\d\d:\d\d:\d\d\]: ", re.MULTILINE)
+LOG_PREFIX = re.compile(r"(?:autopkgtest|nestbed) \[\d\d:\d\d:\d\d\]: ")
 LOG_SUMMARY_MARK = "<PROG>: @@@@@@@@@@@@@@@@@@@@ summary"
+TIMED_OUT_COMMAND = re.compile(r'timed out on command ".*" \(kind: (\w+)\)$', re.MULTILINE)
 VIRT_PROGRAM = re.compile(r"^(?:autopkgtest|nestbed)-virt-")
 
 # Files in OUTDIR whose contents are not compared byte for byte (see module docstring).
@@ -141,16 +149,25 @@ def run_program(
         "--",
         "null",
     )
-    try:
-        proc = subprocess.run(
-            [exe, *argv[1:]],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=timeout,
-            cwd=workdir,
-        )
-    except subprocess.TimeoutExpired as e:
-        raise HarnessError(f"{' '.join(argv)} did not finish within {timeout} s") from e
+    for attempt in range(1, DPKG_LOCK_ATTEMPTS + 1):
+        try:
+            proc = subprocess.run(
+                [exe, *argv[1:]],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=timeout,
+                cwd=workdir,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise HarnessError(f"{' '.join(argv)} did not finish within {timeout} s") from e
+        locked = proc.returncode != 0 and DPKG_LOCKED.search(proc.stderr) is not None
+        if attempt == DPKG_LOCK_ATTEMPTS or not locked:
+            break
+        # Something else on this machine held dpkg's lock (the run fails with "dpkg
+        # frontend lock was locked by another process"): not what is under test; again.
+        shutil.rmtree(outdir, ignore_errors=True)
+        summary.unlink(missing_ok=True)
+        time.sleep(DPKG_LOCK_PAUSE)
     return RunResult(
         program=program,
         argv=argv,
@@ -184,23 +201,38 @@ def _diff(what: str, expected: Sequence[str], actual: Sequence[str], exp: str, a
     return f"{what} differ:\n" + "\n".join(lines)
 
 
+def _text_diff(what: str, expected: str, actual: str, exp: str, act: str) -> str:
+    exp_lines, act_lines = expected.splitlines(), actual.splitlines()
+    if exp_lines == act_lines:
+        # differ only in line endings or the final newline
+        return f"{what} differ:\n{exp}: {expected[-60:]!r}\n{act}: {actual[-60:]!r}"
+    return _diff(what, exp_lines, act_lines, exp, act)
+
+
 def _text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
 def _log_digest(run: RunResult) -> list[str]:
-    """The parts of `log` that must agree: result lines, ERROR lines, closing summary."""
+    """The parts of `log` that must agree: ERROR lines and the closing summary block.
+
+    `log` is written by two tee processes, one for stdout and one for stderr, so its
+    lines can interleave even mid-line (autopkgtest itself has been seen writing
+    "smoke                PASSautopkgtest [06:04:22]: test smoke:  - - - results"), and
+    the result lines in it are not reliable; these two parts are written when nothing
+    else is.
+    """
     path = run.outdir / "log"
     if not path.is_file():
         return []
-    lines = normalise(_text(path.read_bytes()), run).splitlines()
-    digest = [
-        line for line in lines if RESULT_LINE.match(line) or line.startswith("<PROG>: ERROR: ")
-    ]
-    if LOG_SUMMARY_MARK in lines:
-        start = len(lines) - lines[::-1].index(LOG_SUMMARY_MARK) - 1
+    text = normalise(_text(path.read_bytes()), run)
+    # a timed-out command is quoted whole: that is the program's own internal script
+    text = TIMED_OUT_COMMAND.sub(r"timed out on command <COMMAND> (kind: \1)", text)
+    digest = re.findall(r"<PROG>: ERROR: [^\n]*", text)
+    marker = text.rfind(LOG_SUMMARY_MARK)
+    if marker >= 0:
         digest.append("--- closing summary block ---")
-        digest.extend(lines[start:])
+        digest.extend(line for line in text[marker:].splitlines() if line)
     return digest
 
 
@@ -247,15 +279,7 @@ def compare(expected: RunResult, actual: RunResult, *, verdicts_only: bool = Fal
         exp_sum = normalise(_text(expected.summary), expected)
         act_sum = normalise(_text(actual.summary), actual)
         if exp_sum != act_sum:
-            problems.append(
-                _diff(
-                    "summary files",
-                    exp_sum.splitlines(keepends=True),
-                    act_sum.splitlines(keepends=True),
-                    exp,
-                    act,
-                )
-            )
+            problems.append(_text_diff("summary files", exp_sum, act_sum, exp, act))
 
     exp_files, act_files = expected.files(), actual.files()
     if exp_files != act_files:
@@ -277,15 +301,7 @@ def compare(expected: RunResult, actual: RunResult, *, verdicts_only: bool = Fal
         exp_data = normalise(_text(expected.read(rel)), expected)
         act_data = normalise(_text(actual.read(rel)), actual)
         if exp_data != act_data:
-            problems.append(
-                _diff(
-                    f"{rel} contents",
-                    exp_data.splitlines(keepends=True),
-                    act_data.splitlines(keepends=True),
-                    exp,
-                    act,
-                )
-            )
+            problems.append(_text_diff(f"{rel} contents", exp_data, act_data, exp, act))
 
     if "testinfo.json" in exp_files and "testinfo.json" in act_files:
         exp_info, act_info = _testinfo(expected), _testinfo(actual)
@@ -303,7 +319,7 @@ def compare(expected: RunResult, actual: RunResult, *, verdicts_only: bool = Fal
     exp_log, act_log = _log_digest(expected), _log_digest(actual)
     if exp_log != act_log:
         problems.append(
-            _diff("log (result lines, ERROR lines, closing summary)", exp_log, act_log, exp, act)
+            _diff("log (ERROR lines, closing summary block)", exp_log, act_log, exp, act)
         )
     return problems
 
