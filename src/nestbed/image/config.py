@@ -32,7 +32,7 @@ def parse_size(text: str) -> int:
 
 
 def format_size(n: int) -> str:
-    for unit in ("T", "G", "M", "K"):
+    for unit in ("T", "G", "M"):
         if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
             return f"{n // _UNITS[unit]}{unit}"
     for unit in ("G", "M", "K"):
