@@ -214,9 +214,12 @@ class SourcePackage:
                 continue
             if stanza.get("Package-type", "deb") != "deb":
                 continue
+            name = stanza.get("Package", "").strip()
+            if not name:
+                continue  # nothing apt could install; autopkgtest would pass "" along
             arch = stanza.get("Architecture", "any")
             arches = None if arch in ("all", "any") else tuple(arch.split())
-            found.append(BinaryPackage(stanza.get("Package", ""), arches))
+            found.append(BinaryPackage(name, arches))
         return found
 
     @cached_property

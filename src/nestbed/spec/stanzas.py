@@ -136,16 +136,41 @@ def parse_stanzas(text: str, display: str, *, strict: bool) -> list[Stanza]:
     return stanzas
 
 
+def _odd_line_break(lines: list[tuple[int, str]]) -> tuple[int, str | None]:
+    """The first line with a character that str.splitlines() breaks at, and the character."""
+    for number, line in lines:
+        for char in line:
+            if len(f"x{char}x".splitlines()) > 1:
+                return number, char
+    return lines[0][0], None
+
+
+@dataclass
+class _Occurrence:
+    name: str
+    line: int
+    # indexes (1-based, 0 is the first line) of continuation lines we padded for Deb822
+    padded: list[int] = field(default_factory=list)
+    continuations: int = 0
+
+
 def _build_stanza(lines: list[tuple[int, str]], display: str, *, strict: bool) -> Stanza | None:
-    starts: list[tuple[str, int]] = []
+    occurrences: list[_Occurrence] = []
     kept: list[str] = []
     for number, line in lines:
         name = _field_name(line)
         if name is not None:
-            starts.append((name, number))
+            occurrences.append(_Occurrence(name, number))
             kept.append(line)
         elif line[0].isspace() and not line.isspace():
-            if starts:
+            if occurrences:
+                current = occurrences[-1]
+                current.continuations += 1
+                if line[0] not in _ASCII_SPACE:
+                    # Deb822's field regex backtracks quadratically over a long run of
+                    # non-ASCII spaces; a leading ASCII space makes it fail at once.
+                    current.padded.append(current.continuations)
+                    line = " " + line
                 kept.append(line)
             elif strict:
                 raise InvalidControl(
@@ -164,18 +189,34 @@ def _build_stanza(lines: list[tuple[int, str]], display: str, *, strict: bool) -
                 f"syntax error: {line!r} is not 'Field: value', a continuation line "
                 "(starting with a space) or a comment",
             )
-    if not starts:
+    if not occurrences:
         return None
 
-    paragraph = Deb822(kept)
+    try:
+        paragraph = Deb822(kept)
+    except ValueError as e:
+        # python-debian re-splits multi-line values with str.splitlines(), which also
+        # breaks at \f, \v, \x1c-\x1e, \x85, U+2028 and U+2029, and then rejects the
+        # pieces (autopkgtest crashes here).
+        number, char = _odd_line_break(lines)
+        message = f"unsupported line break character {char!r} in a field" if char else str(e)
+        raise InvalidControl(display, number, None, message) from e
+    # Deb822 keeps the last of repeated (case-insensitive) fields; so do we.
+    last = {occurrence.name.lower(): occurrence for occurrence in occurrences}
     stanza = Stanza(line=lines[0][0])
-    for name, number in starts:
-        value = paragraph.get(name)
+    for occurrence in occurrences:
+        value = paragraph.get(occurrence.name)
         if value is None:  # cannot happen: we and python-debian agree on field lines
             if strict:
-                raise InvalidControl(display, number, name, "cannot parse field")
+                raise InvalidControl(display, occurrence.line, occurrence.name, "cannot parse")
             continue
+        parts = str(value).split("\n")
+        for index in last[occurrence.name.lower()].padded:
+            if index < len(parts):
+                parts[index] = parts[index][1:]
         # autopkgtest drops the newlines of continuations and then halves runs of spaces
-        joined = "".join(str(value).split("\n")).replace("  ", " ")
-        stanza.fields[string.capwords(name)] = Field(name, joined, number)
+        joined = "".join(parts).replace("  ", " ")
+        stanza.fields[string.capwords(occurrence.name)] = Field(
+            occurrence.name, joined, occurrence.line
+        )
     return stanza
