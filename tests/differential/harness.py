@@ -11,8 +11,9 @@ each with its own fresh OUTDIR and SUMMARY. `compare()` then lists every differe
 * the names of all files and directories in OUTDIR;
 * the contents of every regular file in OUTDIR (per-test `*-stdout`, `*-stderr`,
   `*-packages`, `testpkg-version`, `artifacts/...`), byte for byte, except for:
-  `log` (only its ERROR lines and closing summary block are compared; in
-  `ERROR: timed out on command "..."` the quoted internal script is not),
+  `log` (only its ERROR lines and whether it closes with the whole summary are
+  compared, see `_log_digest`; in `ERROR: timed out on command "..."` the quoted
+  internal script is not),
   `testinfo.json` (compared as JSON, with the virt server's program name normalised) and
   `testbed-packages` (a snapshot of the host's dpkg database, which earlier runs change).
 
@@ -214,25 +215,34 @@ def _text(data: bytes) -> str:
 
 
 def _log_digest(run: RunResult) -> list[str]:
-    """The parts of `log` that must agree: ERROR lines and the closing summary block.
+    """What must agree in `log`: its ERROR lines, and how it ends.
 
-    `log` is written by two tee processes, one for stdout and one for stderr, so its
-    lines can interleave even mid-line (autopkgtest itself has been seen writing
-    "smoke                PASSautopkgtest [06:04:22]: test smoke:  - - - results"), and
-    the result lines in it are not reliable; these two parts are written when nothing
-    else is.
+    `log` is written by two tee processes, one for stdout and one for stderr, so the
+    two streams interleave in it unpredictably, even mid-line (autopkgtest itself has
+    been seen writing "smoke                PASSautopkgtest [06:04:22]: test smoke: ...",
+    and a stdout result line landing after the closing summary marker). Each stderr
+    write stays whole, though: ERROR lines are found wherever they are, and the
+    closing summary (written to stderr in one go) must appear whole after the
+    "@@@@ summary" marker.
     """
     path = run.outdir / "log"
     if not path.is_file():
-        return []
+        return ["no log"]
     text = normalise(_text(path.read_bytes()), run)
     # a timed-out command is quoted whole: that is the program's own internal script
     text = TIMED_OUT_COMMAND.sub(r"timed out on command <COMMAND> (kind: \1)", text)
     digest = re.findall(r"<PROG>: ERROR: [^\n]*", text)
-    marker = text.rfind(LOG_SUMMARY_MARK)
-    if marker >= 0:
-        digest.append("--- closing summary block ---")
-        digest.extend(line for line in text[marker:].splitlines() if line)
+    marker = text.rfind(LOG_SUMMARY_MARK + "\n")
+    if marker < 0:
+        digest.append("(no closing summary block)")
+    else:
+        digest.append(LOG_SUMMARY_MARK)
+        summary = normalise(_text(run.summary or b""), run)
+        if summary in text[marker:]:
+            digest.append("followed by the whole summary file")
+        else:
+            digest.append("NOT followed by the whole summary file; it has:")
+            digest.extend(text[marker:].splitlines()[1:])
     return digest
 
 
