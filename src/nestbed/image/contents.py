@@ -95,10 +95,17 @@ SETUP_FILES: dict[str, tuple[str, int]] = {
     ),
 }
 
+# timers and services that cost boot time or run by surprise in a test VM (there is no
+# VGA console, so no gettys on tty1..6; the root file system is a throwaway overlay)
 MASKED_UNITS = (
     "apt-daily.timer",
     "apt-daily-upgrade.timer",
     "systemd-networkd-wait-online.service",
+    "e2scrub_all.timer",
+    "e2scrub_reap.service",
+    "fstrim.timer",
+    "getty-static.service",
+    "getty@tty1.service",
 )
 
 CUSTOMIZE = """\
