@@ -23,6 +23,8 @@ class Case:
     exit_code: int
     results: tuple[str, ...]
     files: tuple[str, ...] = ()
+    # False: no --summary-file, so the summary is OUTDIR/summary
+    summary_file: bool = True
     marks: tuple[pytest.MarkDecorator, ...] = field(default=())
 
     def param(self) -> object:
@@ -74,6 +76,15 @@ CASES = (
             "command1             PASS",
         ),
         (*_STANDARD_FILES, "smoke-stdout", "smoke-packages", "named-command-stdout"),
+    ),
+    Case(
+        "pass-basic-summary-in-outdir",
+        "pass-basic",
+        ("-B", "--test-name=smoke"),
+        0,
+        ("smoke                PASS",),
+        (*_STANDARD_FILES, "summary", "smoke-stdout"),
+        summary_file=False,
     ),
     Case(
         # fail (exit and stderr) + skip: 4 | 2. Parse-time SKIP lines come twice: once

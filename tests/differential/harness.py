@@ -84,7 +84,7 @@ class RunResult:
     exit_code: int
     stdout: str
     stderr: str
-    summary: bytes | None  # None: the summary file was not created
+    summary: bytes | None  # --summary-file's (or OUTDIR/summary); None: not created
     workdir: Path
     outdir: Path
 
@@ -130,14 +130,19 @@ def run_program(
     options: Sequence[str],
     workdir: Path,
     timeout: float = RUN_TIMEOUT,
+    *,
+    summary_file: bool = True,
 ) -> RunResult:
-    """Run `program [options] -o OUT --summary-file=SUMMARY tree -- null` in workdir."""
+    """Run `program [options] -o OUT --summary-file=SUMMARY tree -- null` in workdir.
+
+    Without summary_file, --summary-file is not passed, and the summary is OUT/summary.
+    """
     exe = find_program(program)
     if exe is None:
         raise HarnessError(f"{program} is not installed (not beside {sys.executable}, not on PATH)")
     workdir.mkdir(parents=True, exist_ok=True)
     outdir = workdir / "out"
-    summary = workdir / "summary"
+    summary = workdir / "summary" if summary_file else outdir / "summary"
     if outdir.exists() or summary.exists():
         raise HarnessError(f"{workdir} was used by an earlier run")
     argv = (
@@ -145,7 +150,7 @@ def run_program(
         *options,
         "-o",
         str(outdir),
-        f"--summary-file={summary}",
+        *([f"--summary-file={summary}"] if summary_file else []),
         str(tree),
         "--",
         "null",
@@ -340,11 +345,13 @@ class RunCache:
     def __init__(self, program: str, basedir: Path) -> None:
         self.program = program
         self.basedir = basedir
-        self._runs: dict[tuple[str, tuple[str, ...]], RunResult] = {}
+        self._runs: dict[tuple[str, tuple[str, ...], bool], RunResult] = {}
 
-    def get(self, tree: Path, options: Sequence[str]) -> RunResult:
-        key = (str(tree), tuple(options))
+    def get(self, tree: Path, options: Sequence[str], *, summary_file: bool = True) -> RunResult:
+        key = (str(tree), tuple(options), summary_file)
         if key not in self._runs:
             workdir = self.basedir / f"run{len(self._runs)}"
-            self._runs[key] = run_program(self.program, tree, options, workdir)
+            self._runs[key] = run_program(
+                self.program, tree, options, workdir, summary_file=summary_file
+            )
         return self._runs[key]

@@ -36,14 +36,20 @@ def _expected_lines(case: Case) -> list[str]:
 
 def _autopkgtest(runs: RunCache, case: Case) -> RunResult:
     try:
-        return runs.get(fixture_tree(case.fixture), case.options)
+        return runs.get(fixture_tree(case.fixture), case.options, summary_file=case.summary_file)
     except HarnessError as e:
         pytest.fail(str(e))
 
 
 def _nestbed(case: Case, workdir: Path) -> RunResult:
     try:
-        return run_program("nestbed", fixture_tree(case.fixture), case.options, workdir)
+        return run_program(
+            "nestbed",
+            fixture_tree(case.fixture),
+            case.options,
+            workdir,
+            summary_file=case.summary_file,
+        )
     except HarnessError as e:
         pytest.fail(str(e))
 
