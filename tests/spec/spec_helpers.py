@@ -156,6 +156,20 @@ def _apt_form(text: str, arch: str) -> tuple[str, ...]:
     return tuple(items)
 
 
+def autopkgtest_accepts_dependency(alternative: str) -> bool:
+    """Would autopkgtest's own check (testdesc._debian_check_dep) accept this alternative?
+
+    An empty version counts as rejected: autopkgtest lets it through, but only for dpkg
+    to misread it ("(>= )" becomes "(> =)") when installing.
+    """
+    testdesc = _testdesc()
+    try:
+        _, version = testdesc._debian_check_dep("t", alternative)
+    except testdesc.InvalidControl:
+        return False
+    return version != "" if "(" in alternative else True
+
+
 def _synth(value: Any) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from spec_helpers import (
+    Verdict,
+    autopkgtest_accepts_dependency,
     autopkgtest_verdict,
     have_autopkgtest,
     have_dpkg_perl,
@@ -23,6 +27,10 @@ from spec_helpers import (
     nestbed_verdict,
     write_control,
 )
+from test_spec_fuzz import field_soup, mutated_real
+
+from nestbed.errors import InvalidControl
+from nestbed.spec.control import parse_control
 
 pytestmark = [
     pytest.mark.skipif(not have_autopkgtest(), reason="autopkgtest is not installed"),
@@ -251,3 +259,50 @@ def stanza(draw: st.DrawFn) -> str:
 @given(stanzas=st.lists(stanza(), min_size=1, max_size=3))
 def test_agrees_on_generated_controls(source: Path, stanzas: list[str]) -> None:
     _compare(source, "\n".join(stanzas))
+
+
+# ---- garbled control files -------------------------------------------------------------
+
+# Our errors for files autopkgtest reads differently by design: it silently drops lines
+# that are not deb822, and crashes (ValueError, UnicodeDecodeError) on the other two.
+_OURS_ONLY = re.compile(r"syntax error|continuation line|line break character|not valid UTF-8")
+_BAD_ALTERNATIVE = re.compile(r"invalid dependency '([^']*)'")
+
+
+def _unknown_fields_alike(verdict: Verdict) -> Verdict:
+    # With several unknown fields autopkgtest names a random one of them.
+    skipped = tuple(
+        (name, "unknown field *" if reason.startswith("unknown field ") else reason)
+        for name, reason in verdict.skipped
+    )
+    return replace(verdict, skipped=skipped)
+
+
+@settings(
+    max_examples=600,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(text=st.one_of(field_soup(), mutated_real().map(lambda b: b.decode("utf-8", "replace"))))
+def test_agrees_on_garbled_controls(source: Path, text: str) -> None:
+    control = write_control(source, text)
+    try:
+        parse_control(control, source, "amd64")
+    except InvalidControl as e:
+        if _OURS_ONLY.search(e.message):
+            return
+        ours_error: InvalidControl | None = e
+    else:
+        ours_error = None
+    theirs = autopkgtest_verdict(source, control, "amd64", frozenset())
+    ours = nestbed_verdict(source, control, "amd64", frozenset())
+    if ours.invalid and not theirs.invalid:
+        # We check every alternative of a Depends item; autopkgtest stops at the first
+        # one that is not a binary of this source and leaves the rest to apt. Accept the
+        # difference only if autopkgtest's own check would reject that alternative too.
+        assert ours_error is not None
+        found = _BAD_ALTERNATIVE.search(ours_error.message)
+        assert found is not None, (text, ours_error)
+        assert not autopkgtest_accepts_dependency(found.group(1)), (text, ours_error)
+        return
+    assert _unknown_fields_alike(ours) == _unknown_fields_alike(theirs), text

@@ -80,9 +80,8 @@ def parse_control(
     entries: list[TestSpec | UnsupportedTest] = []
     commands = 0  # unnamed Test-Command stanzas so far, for command1, command2, ...
     for stanza in stanzas:
-        parsed, counted = _parse_stanza(_Stanza(stanza, display), source, testbed_arch, commands)
+        parsed, commands = _parse_stanza(_Stanza(stanza, display), source, testbed_arch, commands)
         entries += parsed
-        commands = counted
     return entries
 
 
