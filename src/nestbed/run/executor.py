@@ -35,6 +35,7 @@ class TestRun:
     timed_out: bool
     duration: float
     wrapper_notes: str
+    argv: tuple[str, ...] = ()
 
 
 def decide(test: TestSpec, run: TestRun, package: str = "") -> TestResult:
@@ -184,7 +185,7 @@ def run_test(
         )
     notes = _collect_wrapper_notes(testbed, test, env) if not stuck else ""
     timed_out = stuck or "timed-out" in notes
-    return TestRun(returncode, bytes(out), bytes(err), timed_out, duration, notes)
+    return TestRun(returncode, bytes(out), bytes(err), timed_out, duration, notes, tuple(argv))
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

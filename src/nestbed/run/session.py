@@ -19,7 +19,7 @@ from nestbed import errors
 from nestbed.log import DEBUG, Console
 from nestbed.report.machine import write_json, write_junit
 from nestbed.report.results import ExitStatus, TestResult, Verdict
-from nestbed.run import deps, executor
+from nestbed.run import build, deps, executor
 from nestbed.run.options import PackageArg, RunOptions
 from nestbed.run.tree import SourceTree, prepare
 from nestbed.spec.compat import unsupported_reason
@@ -65,6 +65,7 @@ class Session:
         self.sudo_problem: str | None = None
         self._package: PackageArg | None = None
         self._tree_stale = False
+        self.published = False
 
     @property
     def copy_timeout(self) -> int:
@@ -138,6 +139,8 @@ class Session:
     def close(self) -> None:
         try:
             if self.testbed is not None:
+                if self.published and self.testbed.is_open:
+                    build.unpublish(self.testbed, self.options.timeouts.short)
                 self.testbed.quit()
         except errors.NestbedError as e:
             self.console.error(f"closing the testbed: {e}")
@@ -232,11 +235,6 @@ class Session:
         assert self.testbed is not None
         self.console.info(f"@@@@@@@@@@@@@@@@@@@@ {package.kind} {package.path}")
         self.blamed.append(package.path)
-        if package.built_binaries and package.kind == "unbuilt-tree":
-            raise errors.UsageError(
-                "building the package in the testbed is not supported yet: "
-                "test the archive's binaries with -B/--no-built-binaries"
-            )
         self._reset(())
         self._package = package
         tree = prepare(self.testbed, package, self.copy_timeout)
@@ -246,6 +244,8 @@ class Session:
             if self.options.output_dir:
                 with open(os.path.join(self.output_dir, "testpkg-version"), "w") as f:
                     f.write(f"{tree.name} {tree.version}\n")
+        if package.kind == "unbuilt-tree":
+            self._build_if_needed(package, tree)
         tests = self._select_tests(tree)
         if not tests:
             if self.status.code == errors.EXIT_OK:
@@ -261,18 +261,60 @@ class Session:
             self.console.info("@@@@@@@@@@@@@@@@@@@@ summary")
             self.console.write_stderr(self.summary.read())
 
+    def _build_if_needed(self, package: PackageArg, tree: SourceTree) -> None:
+        """Build for the binaries (no -B), or because a test says build-needed."""
+        assert self.testbed is not None
+        if package.built_binaries:
+            self.console.info("build needed for binaries")
+        else:
+            # autopkgtest reads the control file here as well, to see whether a runnable
+            # test needs a build, and reports its skips then too: they appear twice in its
+            # results, and so in ours, so that tools reading either see the same lines.
+            tests = self._parse_tests(tree, only=(), count_skips=False)
+            if not any(t.has("build-needed") for t in tests):
+                self.console.info("build not needed")
+                return
+            self.console.info("build needed for tests")
+        self.modified = True
+        built = build.build(
+            self.testbed,
+            tree.host,
+            tree.testbed,
+            self.arch,
+            self.user,
+            self.console,
+            parallel=self.options.build_parallel or self.nproc or "1",
+            extra_env=self.options.env,
+            install_timeout=self.options.timeouts.install,
+            build_timeout=self.options.timeouts.build,
+            publish=package.built_binaries,
+        )
+        self.published = self.published or bool(built and package.built_binaries)
+
     def _select_tests(self, tree: SourceTree) -> list[TestSpec]:
+        only = self.options.only_tests
+        runnable = self._parse_tests(tree, only=only)
+        if only:
+            runnable = [t for t in runnable if t.name in only]
+            if not runnable:
+                assert self._package is not None
+                self.console.error(
+                    f"{self._package.kind} {self._package.path} has no test matching "
+                    f"--test-name {', '.join(only)}"
+                )
+        if self.options.skip_tests:
+            runnable = [t for t in runnable if t.name not in self.options.skip_tests]
+        return runnable
+
+    def _parse_tests(
+        self, tree: SourceTree, only: tuple[str, ...], count_skips: bool = True
+    ) -> list[TestSpec]:
+        """The runnable tests; those the testbed cannot run are reported SKIP on the way."""
         assert self.testbed is not None
         control = os.path.join(tree.host, "debian", "tests", "control")
         if not os.path.exists(control):
             return []
-        only = self.options.only_tests
-        entries = parse_control(
-            control,
-            tree.host,
-            self.arch,
-            display_path=os.path.join(tree.host, "debian/tests/control"),
-        )
+        entries = parse_control(control, tree.host, self.arch, display_path=control)
         runnable: list[TestSpec] = []
         for entry in entries:
             reason = (
@@ -283,17 +325,10 @@ class Session:
             if reason is None:
                 assert isinstance(entry, TestSpec)
                 runnable.append(entry)
-            elif not only or entry.name in only:
+            elif not only or (entry.name in only and not _from_test_command(entry)):
                 self.report(entry.name, f"SKIP {reason}")
-                self.status.code |= errors.EXIT_SKIPPED
-        if only:
-            runnable = [t for t in runnable if t.name in only]
-            if not runnable:
-                self.console.error(
-                    f"{tree.host} has no test matching --test-name {', '.join(only)}"
-                )
-        if self.options.skip_tests:
-            runnable = [t for t in runnable if t.name not in self.options.skip_tests]
+                if count_skips:
+                    self.status.code |= errors.EXIT_SKIPPED
         return runnable
 
     # -- one test -------------------------------------------------------------------------
@@ -380,6 +415,8 @@ class Session:
             self.console.info(f"test {name}: {test.command}")
         self.console.info(f"test {name}: [-----------------------")
         run = executor.run_test(tb, test, env, self.options.timeouts.test, self.console)
+        if run.timed_out:
+            self.console.error(f'timed out on command "{shlex.join(run.argv)}" (kind: test)')
         self.console.info(f"test {name}: -----------------------]")
         for note in run.wrapper_notes.splitlines():
             if not note.startswith("timed-out"):
@@ -440,9 +477,11 @@ class Session:
 
     # -- files at the end -------------------------------------------------------------------
     def _write_testinfo(self) -> None:
-        info: dict[str, object] = {
-            "virt_server": " ".join(shlex.quote(w) for w in self.options.virt_argv)
-        }
+        # as autopkgtest records it: the server program's name, then its arguments
+        argv = list(self.options.virt_argv)
+        if argv and "/" not in argv[0]:
+            argv[0] = f"nestbed-virt-{argv[0]}"
+        info: dict[str, object] = {"virt_server": " ".join(shlex.quote(w) for w in argv)}
         if self.kernel:
             info["kernel_version"] = self.kernel
         if self.options.env:
@@ -469,6 +508,14 @@ class Session:
         except OSError as e:
             self.console.error(f"cannot write results: {e}")
             self.status.code = errors.EXIT_UNEXPECTED
+
+
+def _from_test_command(entry: TestSpec | UnsupportedTest) -> bool:
+    # autopkgtest leaves out a skipped Test-Command stanza's line when --test-name is
+    # given, even if it names that test; only Tests: stanzas are reported then.
+    if isinstance(entry, TestSpec):
+        return entry.command is not None
+    return entry.from_command
 
 
 class Interrupted(BaseException):

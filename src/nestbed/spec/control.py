@@ -155,7 +155,9 @@ def _parse_stanza(
             test_name = f"command{commands}"
         reason = _skip_reason(st, test_name, testbed_arch, architectures)
         if reason is not None:
-            return [UnsupportedTest(test_name, reason, line=stanza.line)], commands
+            return [
+                UnsupportedTest(test_name, reason, line=stanza.line, from_command=True)
+            ], commands
         spec = TestSpec(
             name=test_name,
             path=None,

@@ -48,3 +48,5 @@ class UnsupportedTest:
     reason: str
     # Line of the stanza in the control file, for messages.
     line: int = 0
+    # From a Test-Command stanza (autopkgtest reports those differently with --test-name).
+    from_command: bool = False
