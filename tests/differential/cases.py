@@ -26,6 +26,11 @@ class Case:
     # False: no --summary-file, so the summary is OUTDIR/summary
     summary_file: bool = True
     marks: tuple[pytest.MarkDecorator, ...] = field(default=())
+    # Deliberate differences, each with its reason where the case is defined:
+    # (regex, replacement) turning nestbed's wording into autopkgtest's, checked to
+    # match first, and OUTDIR paths autopkgtest leaves behind that nestbed does not.
+    nestbed_rewrites: tuple[tuple[str, str], ...] = ()
+    autopkgtest_leftovers: tuple[str, ...] = ()
 
     def param(self) -> object:
         return pytest.param(self, id=self.id, marks=self.marks)
@@ -249,6 +254,12 @@ CASES = (
             'badpkg: InvalidControl test *: missing "Tests" or "Test-Command" field',
         ),
         (*_STANDARD_FILES, "pkg/debian/tests/control"),
+        # nestbed names the file, line and field of the error (autopkgtest names none),
+        # and does not leave its temporary copy of debian/ (pkg/) in the output directory
+        nestbed_rewrites=(
+            (r"\S*/debian/tests/control:4: missing", "InvalidControl test *: missing"),
+        ),
+        autopkgtest_leftovers=("pkg",),
     ),
     Case(
         "unsatisfiable",
