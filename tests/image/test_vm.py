@@ -92,6 +92,13 @@ def test_root_overlay_and_readonly_base_are_told_apart(booted: tuple[Machine, st
     assert res.status != 0
 
 
+def test_guest_has_kvm_for_nested_vms(booted: tuple[Machine, str]) -> None:
+    """-cpu max under TCG emulates SVM: nestbed-kvm.service loads kvm_amd, /dev/kvm appears."""
+    res = booted[0].channel.exec(["sh", "-c", "systemctl is-system-running --wait; ls /dev/kvm"],
+                                 timeout=120)  # fmt: skip
+    assert res.stdout.decode().split() == ["running", "/dev/kvm"], res.stderr
+
+
 def test_base_image_unchanged_after_boot(
     booted: tuple[Machine, str], nestbed_image: ImagePaths
 ) -> None:

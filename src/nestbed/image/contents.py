@@ -56,6 +56,22 @@ SUBSYSTEM=="block", KERNEL=="vd*[!0-9]", ATTRS{{serial}}=="{BASE_SERIAL}", \\
   SYMLINK+="baseimage", GROUP="kvm", MODE="0640"
 """
 
+# KVM for nested VMs: the CPU modules are not loaded on demand in the guest
+KVM_UNIT = """\
+[Unit]
+Description=nestbed: load KVM for nested virtual machines
+DefaultDependencies=no
+Before=sysinit.target
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'if grep -qw svm /proc/cpuinfo; then modprobe kvm_amd; \\
+  elif grep -qw vmx /proc/cpuinfo; then modprobe kvm_intel; fi; true'
+
+[Install]
+WantedBy=sysinit.target
+"""
+
 NETWORK = """\
 [Match]
 Name=en* eth*
@@ -74,6 +90,7 @@ AUTOLOGIN = (
 FILES: dict[str, tuple[str, int]] = {
     "etc/systemd/system/nestbed-agent.service": (AGENT_UNIT, 0o644),
     "etc/udev/rules.d/60-nestbed.rules": (UDEV_RULES, 0o644),
+    "etc/systemd/system/nestbed-kvm.service": (KVM_UNIT, 0o644),
     "etc/systemd/network/80-nestbed-dhcp.network": (NETWORK, 0o644),
     "etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf": (AUTOLOGIN, 0o644),
     "etc/hostname": (HOSTNAME + "\n", 0o644),
@@ -117,7 +134,8 @@ cp -R --preserve=mode {payload}/. "$root/"
 chroot "$root" useradd --create-home --uid {uid} --user-group --shell /bin/bash \\
     --comment "nestbed test user" {user}
 if chroot "$root" getent group kvm >/dev/null; then chroot "$root" usermod -aG kvm {user}; fi
-chroot "$root" systemctl enable --quiet nestbed-agent.service systemd-networkd.service
+chroot "$root" systemctl enable --quiet nestbed-agent.service nestbed-kvm.service \\
+    systemd-networkd.service
 chroot "$root" systemctl mask --quiet {masked}
 """
 
