@@ -5,19 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests_support import nestbed_argv
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "smoke"
-
-
-def nestbed_argv() -> list[str]:
-    beside = Path(sys.executable).parent / "nestbed"
-    found = str(beside) if beside.exists() else shutil.which("nestbed")
-    assert found, "nestbed is not installed (pip install -e .)"
-    return [found]
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

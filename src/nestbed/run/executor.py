@@ -176,6 +176,10 @@ def run_test(
         stuck = True
         _kill_group(proc)
         returncode = proc.wait()
+    except BaseException:
+        # interrupted (Ctrl-C, SIGTERM): the test must not outlive us
+        _stop_group(proc)
+        raise
     for t in pumps:
         t.join(timeout=10)
     duration = time.monotonic() - started
@@ -186,6 +190,17 @@ def run_test(
     notes = _collect_wrapper_notes(testbed, test, env) if not stuck else ""
     timed_out = stuck or "timed-out" in notes
     return TestRun(returncode, bytes(out), bytes(err), timed_out, duration, notes, tuple(argv))
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM first: su passes it on to the test's own session; then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        proc.wait()
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -24,15 +24,23 @@ cat <"$dir/err" >&2 &
 err_pid=$!
 
 started=$(date +%s)
-status=0
+# exec in a subshell: a shell killed by a signal would print "Killed" into the test's stderr
 if [ "$limit" -gt 0 ]; then
-    # exec in a subshell: a shell killed by a signal would print "Killed" into the test's stderr
-    (exec >"$dir/out" 2>"$dir/err"; exec timeout --kill-after=10 "$limit" "$@") || status=$?
-    if [ "$status" -eq 124 ] && [ $(( $(date +%s) - started )) -ge "$limit" ]; then
-        note "timed-out after $limit s"
-    fi
+    (exec >"$dir/out" 2>"$dir/err" </dev/null; exec timeout --kill-after=10 "$limit" "$@") &
 else
-    (exec >"$dir/out" 2>"$dir/err"; exec "$@") || status=$?
+    (exec >"$dir/out" 2>"$dir/err" </dev/null; exec "$@") &
+fi
+child=$!
+# the runner being stopped stops the test (timeout passes the signal to its process group)
+trap 'kill -TERM "$child" 2>/dev/null' TERM INT HUP
+# wait returns early when a trapped signal arrives: wait again until the test is reaped
+while :; do
+    status=0
+    wait "$child" || status=$?
+    kill -0 "$child" 2>/dev/null || break
+done
+if [ "$limit" -gt 0 ] && [ "$status" -eq 124 ] && [ $(( $(date +%s) - started )) -ge "$limit" ]; then
+    note "timed-out after $limit s"
 fi
 
 # whoever still holds our fifos was started by the test and outlived it
