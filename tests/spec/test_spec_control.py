@@ -163,14 +163,17 @@ def test_unknown_field_is_capwords_like_autopkgtest(src: Path) -> None:
     assert entries == [
         UnsupportedTest("a", "unknown field X-fancy-thing", line=1),
         UnsupportedTest("b", "unknown field X-fancy-thing", line=1),
-        UnsupportedTest("command1", "unknown field Foo", line=4),
+        UnsupportedTest("command1", "unknown field Foo", line=4, from_command=True),
     ]
 
 
 def test_slash_in_name(src: Path) -> None:
     entries = parse(src, "Tests: ok a/b\n\nTest-Command: x\nFeatures: test-name=c/d\n")
     reason = "test name may not contain / character"
-    assert entries[1:] == [UnsupportedTest("a/b", reason, 1), UnsupportedTest("c/d", reason, 3)]
+    assert entries[1:] == [
+        UnsupportedTest("a/b", reason, 1),
+        UnsupportedTest("c/d", reason, 3, from_command=True),
+    ]
 
 
 @pytest.mark.parametrize(
