@@ -37,6 +37,7 @@ def test_help_teaches_and_exits_0() -> None:
         ([str(EXAMPLE), "--", "no-such-testbed"], "no-such-testbed"),
         (["--env", "NOEQUALS", str(EXAMPLE), "--", "null"], "--env must be VAR=value"),
         (["@/nonexistent/args"], "cannot read argument file /nonexistent/args"),
+        ([str(EXAMPLE), str(EXAMPLE), "--", "null"], "only one source package"),
     ],
 )
 def test_bad_usage_is_one_line_and_exit_20(args: list[str], message: str) -> None:

@@ -237,6 +237,8 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
     if not packages:
         parser.error("no package given: name a source tree (a directory with debian/)")
     classified = tuple(classify_package(p, ns.built_binaries) for p in packages)
+    if len(classified) > 1:
+        parser.error("You must specify only one source package to test")
     if ns.output_dir and os.path.isdir(ns.output_dir) and os.listdir(ns.output_dir):
         raise errors.UsageError(f'--output-dir "{ns.output_dir}" is not empty')
     timeouts = Timeouts(

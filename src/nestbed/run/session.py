@@ -104,10 +104,7 @@ class Session:
             self.testbed.start()
             self.testbed.open(timeout=self.options.timeouts.short)
             self._after_open()
-            sources = [p for p in self.options.packages if p.kind != "binary"]
-            if len(sources) > 1:
-                raise errors.UsageError("You must specify only one source package to test")
-            for package in sources:
+            for package in self.options.packages:
                 self._run_package(package)
         except errors.BadPackage as e:
             self.result_line("blame: " + " ".join(self.blamed))
