@@ -324,8 +324,9 @@ class Session:
                 runnable.append(entry)
             elif not only or (entry.name in only and not _from_test_command(entry)):
                 self.report(entry.name, f"SKIP {reason}")
-                if count_skips:
-                    self.status.code |= errors.EXIT_SKIPPED
+                if count_skips:  # the second report of a skip is not another test
+                    skipped = TestResult(entry.name, Verdict.SKIP, reason, package=tree.name)
+                    self.status.add(skipped)
         return runnable
 
     # -- one test -------------------------------------------------------------------------
@@ -348,17 +349,20 @@ class Session:
             if test.has("skip-not-installable"):
                 self.record(
                     TestResult(
-                        test.name, Verdict.SKIP, "installation fails and skip-not-installable set"
+                        test.name,
+                        Verdict.SKIP,
+                        "installation fails and skip-not-installable set",
+                        package=tree.name,
                     )
                 )
             else:
-                self.record(TestResult(test.name, Verdict.BADPKG, str(e)))
+                self.record(TestResult(test.name, Verdict.BADPKG, str(e), package=tree.name))
                 self.result_line("blame: " + " ".join(self.blamed))
                 self.result_line(f"badpkg: {e}")
             return tree
         problem = self._satisfy_restrictions(test)
         if problem:
-            self.record(TestResult(test.name, Verdict.SKIP, problem))
+            self.record(TestResult(test.name, Verdict.SKIP, problem, package=tree.name))
             return tree
         self._execute(tree, test)
         if test.has("breaks-testbed"):
