@@ -93,9 +93,16 @@ def _opt(value: str | os.PathLike[str]) -> str:
 
 
 class Machine:
-    def __init__(self, config: MachineConfig, *, console_log: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: MachineConfig,
+        *,
+        console_log: Path | None = None,
+        tmp_parent: Path | None = None,
+    ) -> None:
         self.config = config
         self._console_log = console_log
+        self._tmp_parent = tmp_parent  # where the private temporary directory is made
         self._tmp: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._qemu_log: BinaryIO | None = None
@@ -107,6 +114,10 @@ class Machine:
     def _path(self, name: str) -> Path:
         assert self._tmp is not None, "machine not launched"
         return self._tmp / name
+
+    def path(self, name: str) -> Path:
+        """A file in the machine's private temporary directory (removed at shutdown)."""
+        return self._path(name)
 
     @property
     def console_log(self) -> Path:
@@ -165,7 +176,7 @@ class Machine:
             raise MachineError("machine already launched")
         deadline = time.monotonic() + timeout
         try:
-            self._tmp = Path(tempfile.mkdtemp(prefix="nestbed-qemu-"))
+            self._tmp = Path(tempfile.mkdtemp(prefix="nestbed-qemu-", dir=self._tmp_parent))
             c = self.config
             run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", c.root_format,
                  "-b", c.root.absolute(), self.overlay])  # fmt: skip
