@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from nestbed import errors
 from nestbed.log import DEBUG, INFO, QUIET, program_name
-from nestbed.run.options import DEFAULT_TIMEOUTS, PackageArg, RunOptions, Timeouts
+from nestbed.run.options import DEFAULT_TIMEOUTS, RunOptions, Timeouts
+from nestbed.sources import classify
 from nestbed.testbed.client import resolve_virt_server
 
 DESCRIPTION = """\
@@ -193,25 +193,6 @@ def _build_parser() -> _Parser:
     return p
 
 
-def classify_package(arg: str, built_binaries: bool) -> PackageArg:
-    """Classify a positional argument in autopkgtest's order; unsupported kinds say so."""
-    if os.path.isfile(os.path.join(arg, "debian", "control")):
-        if os.path.exists(os.path.join(arg, "debian", "files")):
-            return PackageArg("built-tree", arg, False)
-        return PackageArg("unbuilt-tree", arg, built_binaries)
-    if os.path.isfile(os.path.join(arg, "debian", "tests", "control")):
-        return PackageArg("built-tree", arg, False)
-    if arg.endswith((".deb", ".dsc", ".changes")) and os.path.exists(arg):
-        raise errors.UsageError(f"{arg}: .deb/.dsc/.changes inputs are not supported yet")
-    if os.path.isdir(arg):
-        raise errors.UsageError(f"{arg} is not a valid test package: it has no debian/control")
-    if re.match(r"[0-9a-z][0-9a-z.+-]+$", arg) and not os.path.exists(arg):
-        raise errors.UsageError(
-            f"{arg} is not a directory; testing apt source packages by name is not supported yet"
-        )
-    raise errors.UsageError(f"{arg} is not a valid test package: no such directory")
-
-
 def _split_virt(argv: list[str]) -> tuple[list[str], list[str] | None]:
     if "--" in argv:
         i = argv.index("--")
@@ -233,12 +214,7 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
     env = list(ns.env)
     if ns.set_lang:
         env.append("LANG=" + ns.set_lang)
-    packages = ns.packages or ([os.curdir] if os.path.isfile("debian/control") else [])
-    if not packages:
-        parser.error("no package given: name a source tree (a directory with debian/)")
-    classified = tuple(classify_package(p, ns.built_binaries) for p in packages)
-    if len(classified) > 1:
-        parser.error("You must specify only one source package to test")
+    classified = classify(ns.packages, ns.built_binaries)
     if ns.output_dir and os.path.isdir(ns.output_dir) and os.listdir(ns.output_dir):
         raise errors.UsageError(f'--output-dir "{ns.output_dir}" is not empty')
     timeouts = Timeouts(

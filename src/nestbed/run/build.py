@@ -1,8 +1,4 @@
-"""Building the package in the testbed, and offering its .debs to apt there.
-
-The built binaries go into a flat local apt repository in the testbed, pinned above every
-other source by exact version, so that `@` in a test's Depends installs what was just built.
-"""
+"""Building the package in the testbed (dpkg-buildpackage, build dependencies first)."""
 
 from __future__ import annotations
 
@@ -31,12 +27,8 @@ def build(
     extra_env: tuple[str, ...],
     install_timeout: int,
     build_timeout: int,
-    publish: bool,
-) -> list[tuple[str, str]]:
-    """dpkg-buildpackage in the testbed tree; returns (package, version) of each built .deb.
-
-    With `publish`, apt in the testbed prefers exactly these binaries from then on.
-    """
+) -> list[str]:
+    """dpkg-buildpackage in the testbed tree; returns the testbed paths of the built .debs."""
     root = "root-on-testbed" in testbed.caps
     build_deps = SourcePackage(tree_host, arch).build_depends()
     if user or not root:
@@ -64,51 +56,10 @@ def build(
         raise TestbedFailure("rules build failed with exit code 100 (apt failure)")
     if result.returncode != 0:
         raise BadPackage(f"rules build failed with exit code {result.returncode}")
-    built: list[tuple[str, str]] = []
+    built: list[str] = []
+    parent = os.path.dirname(tree_tb.rstrip("/"))
     for name in result.stdout.decode("UTF-8", "replace").split():
-        m = DEB_NAME.match(name)
-        if not m:
+        if not DEB_NAME.match(name):
             raise BadPackage(f"badly-named binary `{name}'")
-        built.append((m.group(1), m.group(2)))
-    if built and publish:
-        _publish(testbed, os.path.dirname(tree_tb.rstrip("/")), built, install_timeout)
+        built.append(f"{parent}/{name}")
     return built
-
-
-def _publish(testbed: Testbed, debdir: str, built: list[tuple[str, str]], timeout: int) -> None:
-    """A flat apt repository over the build directory, pinned to exactly these versions."""
-    if "root-on-testbed" not in testbed.caps:
-        return
-    q = shlex.quote
-    pins = "\n".join(
-        f"Package: {name}\nPin: version {version}\nPin-Priority: 1002\n" for name, version in built
-    )
-    script = "; ".join(
-        [
-            "set -e",
-            f"cd {q(debdir)}",
-            "dpkg-scanpackages --multiversion . /dev/null > Packages 2>/dev/null",
-            f"echo 'deb [trusted=yes] file://{debdir} ./' "
-            "> /etc/apt/sources.list.d/nestbed-built.list",
-            f"printf '%s' {q(pins)} > /etc/apt/preferences.d/nestbed-built",
-            "apt-get update -o Dir::Etc::sourcelist=sources.list.d/nestbed-built.list "
-            "-o Dir::Etc::sourceparts=- -o APT::Get::List-Cleanup=0 >&2",
-        ]
-    )
-    result = testbed.execute(["sh", "-c", script], timeout=timeout)
-    if result.returncode != 0:
-        err = result.stderr.decode("UTF-8", "replace").strip()
-        raise TestbedFailure(f"publishing the built packages in the testbed failed: {err}")
-
-
-def unpublish(testbed: Testbed, timeout: int) -> None:
-    """Take the local repository away again (the null testbed is the user's own machine)."""
-    testbed.execute(
-        [
-            "rm",
-            "-f",
-            "/etc/apt/sources.list.d/nestbed-built.list",
-            "/etc/apt/preferences.d/nestbed-built",
-        ],
-        timeout=timeout,
-    )

@@ -20,8 +20,9 @@ from nestbed.log import DEBUG, Console
 from nestbed.report.machine import write_json, write_junit
 from nestbed.report.results import ExitStatus, TestResult, Verdict
 from nestbed.run import build, deps, executor
+from nestbed.run.binaries import Binaries
 from nestbed.run.options import PackageArg, RunOptions
-from nestbed.run.tree import SourceTree, prepare
+from nestbed.run.tree import Limits, SourceTree, prepare
 from nestbed.spec.compat import unsupported_reason
 from nestbed.spec.control import parse_control
 from nestbed.spec.model import TestSpec, UnsupportedTest
@@ -65,7 +66,9 @@ class Session:
         self.sudo_problem: str | None = None
         self._package: PackageArg | None = None
         self._tree_stale = False
-        self.published = False
+        self.binaries = Binaries()
+        # trees made in the testbed and built .debs are copied back here
+        self.workdir = tempfile.mkdtemp(prefix="nestbed.work.")
 
     @property
     def copy_timeout(self) -> int:
@@ -105,7 +108,10 @@ class Session:
             self.testbed.open(timeout=self.options.timeouts.short)
             self._after_open()
             for package in self.options.packages:
-                self._run_package(package)
+                if package.kind == "binary":
+                    self._register_binary(package.path)
+                else:
+                    self._run_package(package)
         except errors.BadPackage as e:
             self.result_line("blame: " + " ".join(self.blamed))
             self.result_line(f"badpkg: {e}")
@@ -136,8 +142,8 @@ class Session:
     def close(self) -> None:
         try:
             if self.testbed is not None:
-                if self.published and self.testbed.is_open:
-                    build.unpublish(self.testbed, self.options.timeouts.short)
+                if self.testbed.is_open:
+                    self.binaries.unpublish(self.testbed, self.options.timeouts.short)
                 self.testbed.quit()
         except errors.NestbedError as e:
             self.console.error(f"closing the testbed: {e}")
@@ -146,6 +152,7 @@ class Session:
         finally:
             self.summary.close()
             self.console.close()
+            shutil.rmtree(self.workdir, ignore_errors=True)
             if self._own_output_dir:
                 shutil.rmtree(self.output_dir, ignore_errors=True)
 
@@ -201,6 +208,7 @@ class Session:
                 if not self.cpu_flags and key in ("flags", "features"):
                     self.cpu_flags = value.strip()
         self.sudo_problem = None
+        self.binaries.publish(tb, self.copy_timeout)
 
     def _installed_packages(self) -> str | None:
         assert self.testbed is not None
@@ -234,14 +242,14 @@ class Session:
         self.blamed.append(package.path)
         self._reset(())
         self._package = package
-        tree = prepare(self.testbed, package, self.copy_timeout)
+        tree = self._prepare(package)
         self._tree_stale = False
         if tree.name:
             self.console.info(f"testing package {tree.name} version {tree.version}")
             if self.options.output_dir:
                 with open(os.path.join(self.output_dir, "testpkg-version"), "w") as f:
                     f.write(f"{tree.name} {tree.version}\n")
-        if package.kind == "unbuilt-tree":
+        if package.kind != "built-tree":  # a built tree is tested as it is
             self._build_if_needed(package, tree)
         tests = self._select_tests(tree)
         if not tests:
@@ -257,6 +265,16 @@ class Session:
             self.summary.seek(0)
             self.console.info("@@@@@@@@@@@@@@@@@@@@ summary")
             self.console.write_stderr(self.summary.read())
+
+    def _prepare(self, package: PackageArg) -> SourceTree:
+        assert self.testbed is not None
+        limits = Limits(copy=self.copy_timeout, install=self.options.timeouts.install)
+        return prepare(self.testbed, package, limits, self.workdir, self.console)
+
+    def _register_binary(self, path: str) -> None:
+        self.blamed.append(f"arg:{path}")
+        binary = self.binaries.register(path)
+        self.blamed.append(f"deb:{binary.name}")
 
     def _build_if_needed(self, package: PackageArg, tree: SourceTree) -> None:
         """Build for the binaries (no -B), or because a test says build-needed."""
@@ -284,9 +302,15 @@ class Session:
             extra_env=self.options.env,
             install_timeout=self.options.timeouts.install,
             build_timeout=self.options.timeouts.build,
-            publish=package.built_binaries,
         )
-        self.published = self.published or bool(built and package.built_binaries)
+        if package.built_binaries:
+            debs = os.path.join(self.workdir, "debs")
+            os.makedirs(debs, exist_ok=True)
+            for deb in built:
+                host = os.path.join(debs, os.path.basename(deb))
+                self.testbed.copyup(deb, host, timeout=self.copy_timeout)
+                self.binaries.register(host)
+            self.binaries.publish(self.testbed, self.copy_timeout)
 
     def _select_tests(self, tree: SourceTree) -> list[TestSpec]:
         only = self.options.only_tests
@@ -339,7 +363,7 @@ class Session:
         if self._tree_stale:
             # a revert took the tree away with everything else
             assert self._package is not None
-            tree = prepare(tb, self._package, self.copy_timeout)
+            tree = self._prepare(self._package)
             self._tree_stale = False
         try:
             deps.install(tb, test.depends, self.console, self.options.timeouts.install)

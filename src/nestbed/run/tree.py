@@ -1,4 +1,5 @@
-"""The package's source tree: copied into the testbed, named and versioned."""
+"""The package's source tree: put into the testbed (unpacked, fetched or copied), named and
+versioned, with a copy on the host where the control file is read."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from dataclasses import dataclass
 from debian.changelog import Changelog, ChangelogParseError
 
 from nestbed.errors import BadPackage, TestbedFailure
+from nestbed.log import Console
+from nestbed.run import deps
 from nestbed.run.options import PackageArg
+from nestbed.sources import files_from_dsc
 from nestbed.testbed.client import Testbed
 
 
@@ -19,6 +23,12 @@ class SourceTree:
     testbed: str  # the copy in the testbed: where tests run
     name: str
     version: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    copy: int
+    install: int
 
 
 def read_name_version(tree: str) -> tuple[str, str]:
@@ -33,38 +43,90 @@ def read_name_version(tree: str) -> tuple[str, str]:
         raise BadPackage(f"{path}: cannot parse the first entry: {e}") from None
 
 
-def prepare(testbed: Testbed, package: PackageArg, copy_timeout: int) -> SourceTree:
-    """Put the tree into the testbed; the user's own tree is never written to."""
-    host = os.path.abspath(package.path)
-    if package.kind == "built-tree":
-        name, version = (
-            read_name_version(host)
-            if os.path.exists(os.path.join(host, "debian", "changelog"))
-            else ("", "")
-        )
-        tb = f"{testbed.scratch}/tree"
-        testbed.copydown(host + "/", tb + "/", timeout=copy_timeout)
-        return SourceTree(host, tb, name, version)
+def _ensure_command(
+    testbed: Testbed, command: str, package: str, console: Console, limits: Limits
+) -> None:
+    """Install the tool an input needs (dpkg-source, git) when the testbed lacks it."""
+    probe = testbed.execute(["sh", "-c", f"command -v {command}"], timeout=limits.copy)
+    if probe.returncode != 0:
+        console.info(f"{command} not available in the testbed, installing {package}")
+        deps.install(testbed, (package,), console, limits.install)
 
-    name, version = read_name_version(host)
-    staged = f"{testbed.scratch}/ubtree-{os.path.basename(host)}"
-    testbed.copydown(host + "/", staged + "/", timeout=copy_timeout)
-    # a private copy in a fresh build dir, with patches applied as dpkg-source would
+
+def _create_in_testbed(testbed: Testbed, create: str, timeout: int, console: Console) -> str:
+    """Run `create` in a fresh build directory; return the path of the one tree it made."""
     script = "; ".join(
         [
             "set -e",
             f"builddir=$(mktemp -d {shlex.quote(testbed.scratch)}/build.XXX)",
             'cd "$builddir"',
-            f"cp -rd --preserve=timestamps -- {shlex.quote(staged)} real-tree",
-            "if [ -x real-tree/debian/rules ] && command -v dpkg-source >/dev/null; then"
-            " dpkg-source --before-build real-tree >&2; fi",
+            f"{{ {create}; }} >&2",
             "chmod -R a+rX .",
-            'echo "$builddir/real-tree"',
+            "cd [a-z0-9]*/.",
+            "pwd",
         ]
     )
-    result = testbed.execute(["sh", "-c", script], timeout=copy_timeout)
+    result = testbed.execute(["sh", "-c", script], timeout=timeout)
+    console.write_stderr(result.stderr)  # what dpkg-source, apt or git said
     if result.returncode != 0:
-        err = result.stderr.decode("UTF-8", "replace").strip()
-        raise TestbedFailure(f"preparing the source tree in the testbed failed: {err}")
-    tb = result.stdout.decode("UTF-8", "replace").strip().splitlines()[-1]
+        raise BadPackage(f"rules extract failed with exit code {result.returncode}")
+    return result.stdout.decode("UTF-8", "replace").strip().splitlines()[-1]
+
+
+def prepare(
+    testbed: Testbed, package: PackageArg, limits: Limits, host_dir: str, console: Console
+) -> SourceTree:
+    """Put the tree into the testbed; the user's own tree and files are never written to.
+
+    `host_dir` is a private directory where a tree made in the testbed is copied back.
+    """
+    q = shlex.quote
+    scratch = testbed.scratch
+    if package.kind == "built-tree":
+        host = os.path.abspath(package.path)
+        has_changelog = os.path.exists(os.path.join(host, "debian", "changelog"))
+        name, version = read_name_version(host) if has_changelog else ("", "")
+        tb = f"{scratch}/tree"
+        testbed.copydown(host + "/", tb + "/", timeout=limits.copy)
+        return SourceTree(host, tb, name, version)
+
+    if package.kind == "unbuilt-tree":
+        host = os.path.abspath(package.path)
+        name, version = read_name_version(host)
+        staged = f"{scratch}/ubtree-{os.path.basename(host)}"
+        testbed.copydown(host + "/", staged + "/", timeout=limits.copy)
+        # a private copy, with patches applied as dpkg-source would
+        tb = _create_in_testbed(
+            testbed,
+            f"cp -rd --preserve=timestamps -- {q(staged)} real-tree; "
+            "if [ -x real-tree/debian/rules ] && command -v dpkg-source >/dev/null; then"
+            " dpkg-source --before-build real-tree; fi",
+            limits.copy,
+            console,
+        )
+        return SourceTree(host, tb, name, version)
+
+    if package.kind == "source":
+        files = files_from_dsc(package.path)
+        _ensure_command(testbed, "dpkg-source", "dpkg-dev", console, limits)
+        for path in [package.path, *files]:
+            testbed.copydown(path, f"{scratch}/{os.path.basename(path)}", timeout=limits.copy)
+        create = f"dpkg-source -x {q(scratch + '/' + os.path.basename(package.path))} src"
+    elif package.kind == "apt-source":
+        _ensure_command(testbed, "dpkg-source", "dpkg-dev", console, limits)
+        create = f"apt-get source -q --only-source {q(package.path)}"
+    elif package.kind == "git-source":
+        _ensure_command(testbed, "git", "git", console, limits)
+        create = (
+            f"git clone --quiet {q(package.path)} src; "
+            "if [ -x src/debian/rules ] && command -v dpkg-source >/dev/null; then"
+            " dpkg-source --before-build src; fi"
+        )
+    else:
+        raise TestbedFailure(f"cannot prepare a {package.kind} in the testbed")
+    tb = _create_in_testbed(testbed, create, limits.install, console)
+    host = os.path.join(host_dir, "tests-tree")
+    os.makedirs(host, exist_ok=True)
+    testbed.copyup(tb + "/", host + "/", timeout=limits.copy)
+    name, version = read_name_version(host)
     return SourceTree(host, tb, name, version)
