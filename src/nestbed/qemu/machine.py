@@ -19,10 +19,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -169,9 +171,23 @@ class Machine:
             argv += ["-nic", "user,model=virtio-net-pci"]
         return argv + list(c.extra_args)
 
+    def shape(self) -> list[str]:
+        """The command line with the per-run temporary directory blanked: what a saved
+        machine state must match to be restored into this machine."""
+        saved, self._tmp = self._tmp, Path("/RUN")
+        try:
+            return self.argv()
+        finally:
+            self._tmp = saved
+
     # -- life cycle ---------------------------------------------------------------------
-    def launch(self, timeout: float = 180.0) -> None:
-        """Start QEMU and wait until the guest's control agent answers."""
+    def launch(
+        self, timeout: float = 180.0, *, before_connect: Callable[[float], None] | None = None
+    ) -> None:
+        """Start QEMU and wait until the guest's control agent answers.
+
+        `before_connect(deadline)` runs once QEMU's sockets exist and before the channel is
+        connected (a restore finishes the incoming migration and resumes the guest there)."""
         if self._proc is not None:
             raise MachineError("machine already launched")
         deadline = time.monotonic() + timeout
@@ -188,6 +204,8 @@ class Machine:
                 if time.monotonic() > deadline:
                     raise MachineError("QEMU did not create its sockets in time")
                 time.sleep(0.02)
+            if before_connect is not None:
+                before_connect(deadline)
             self._connect(deadline)
         except CommandFailed as e:
             self._post_shutdown()
@@ -258,6 +276,35 @@ class Machine:
                 if "error" in reply:
                     raise MachineError(f"QMP {cmd}: {reply['error'].get('desc')}")
             return reply["return"]
+
+    def save_state(self, path: Path, timeout: float = 120.0) -> None:
+        """Pause the guest and write its migration stream to `path`; the guest stays paused
+        and its disk (the overlay) is flushed, so together they are a consistent state."""
+        self.qmp("stop")
+        self.qmp("migrate", uri=f"exec:cat > {shlex.quote(os.fspath(path))}")
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.qmp("query-migrate").get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise MachineError(f"saving the machine state failed ({status})")
+            if time.monotonic() > deadline:
+                raise MachineError(f"saving the machine state took over {timeout:g} s")
+            time.sleep(0.05)
+
+    def resume_incoming(self, deadline: float) -> None:
+        """For a machine started with `-incoming`: wait until the state is loaded, resume."""
+        while True:
+            self._check_alive("QEMU exited while loading the saved state")
+            with contextlib.suppress(OSError, ValueError):
+                status = self.qmp("query-status").get("status")
+                if status in ("paused", "postmigrate", "prelaunch"):
+                    self.qmp("cont")
+                    return
+            if time.monotonic() > deadline:
+                raise MachineError("loading the saved state did not finish in time")
+            time.sleep(0.02)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the machine (QMP quit: the overlay is thrown away, so no guest shutdown is

@@ -22,7 +22,9 @@ import contextlib
 import ctypes
 import dataclasses
 import os
+import secrets
 import shlex
+import shutil
 import signal
 import sys
 import tarfile
@@ -41,6 +43,7 @@ from nestbed.qemu import accel as accel_mod
 from nestbed.qemu.execclient import StreamError, connect, stream
 from nestbed.qemu.machine import Drive, Machine, MachineConfig, MachineError
 from nestbed.qemu.mux import Mux, MuxDead
+from nestbed.qemu.state import ReadyState, StateStore, state_key
 from nestbed.testbed.protocol import (
     COPY_FAILED,
     CommandFailed,
@@ -90,6 +93,11 @@ class QemuServer(VirtServer):
         parser.add_argument(
             "--overlay-dir", metavar="DIR", help="where the temporary overlay directory goes"
         )
+        parser.add_argument(
+            "--cold-boot",
+            action="store_true",
+            help="boot every testbed; neither use nor save a ready state",
+        )
         parser.add_argument("images", nargs="+", metavar="IMAGE", help="image(s); first boots")
 
     def __init__(self, args: argparse.Namespace) -> None:
@@ -120,6 +128,16 @@ class QemuServer(VirtServer):
             extra_args=tuple(shlex.split(args.qemu_options)),
         )
         self.config = dataclasses.replace(self.config, drives=self.config.drives + tuple(extra))
+        self.states = StateStore(self.image.directory)
+        # the machine's shape: its command line with the per-run paths left out
+        self.shape = [
+            *Machine(dataclasses.replace(self.config, drives=())).shape(),
+            *(f"drive:{d.serial}:{d.format}:{d.readonly}" for d in self.config.drives),
+        ]
+        qemu = shutil.which(self.config.qemu) or self.config.qemu
+        self.state_key = state_key(
+            self.image.manifest.to_json(), self.image.disk, Path(qemu), self.shape
+        )
         self.machine: Machine | None = None
         self.mux: Mux | None = None
         self.boot_id = ""
@@ -154,16 +172,49 @@ class QemuServer(VirtServer):
         return made
 
     def _boot(self) -> None:
-        overlay_dir = Path(self.args.overlay_dir) if self.args.overlay_dir else None
-        with self.critical():
-            machine = Machine(self.config, tmp_parent=overlay_dir)
-            self.machine = machine
+        """Ready the testbed: restore the saved ready state when there is a good one, else
+        boot cold and save one for next time."""
         started = time.monotonic()
-        shower = _ConsoleShower(machine) if self.args.show_boot else None
+        state = None if self.args.cold_boot else self.states.lookup(self.state_key)
+        if state is not None:
+            try:
+                self._launch(state)
+                self._refresh_identity()
+                self.debug(f"testbed restored in {time.monotonic() - started:.2f} s")
+                return
+            except ServerFailure as e:
+                self.warn(f"the saved ready state is unusable ({e}); booting cold to replace it")
+                self.close_testbed()
+                self.states.remove(self.state_key)
+        self._launch(None)
+        self._wait_system_running()
+        self.debug(f"testbed booted in {time.monotonic() - started:.1f} s")
+        if not self.args.cold_boot:
+            self._save_ready_state()
+
+    def _launch(self, state: ReadyState | None) -> None:
+        overlay_dir = Path(self.args.overlay_dir) if self.args.overlay_dir else None
+        config = self.config
+        if state is not None:
+            incoming = f"exec:cat {shlex.quote(os.fspath(state.state))}"
+            config = dataclasses.replace(
+                config,
+                root=state.disk,
+                root_format="qcow2",
+                extra_args=(*config.extra_args, "-incoming", incoming),
+            )
+        with self.critical():
+            machine = Machine(config, tmp_parent=overlay_dir)
+            self.machine = machine
+        shower = _ConsoleShower(machine) if self.args.show_boot and state is None else None
         try:
-            machine.launch(timeout=self.args.timeout_reboot)
+            machine.launch(
+                timeout=self.args.timeout_reboot if state is None else 60,
+                before_connect=machine.resume_incoming if state is not None else None,
+            )
         except MachineError as e:
-            raise ServerFailure(f"cannot boot {self.image.directory}: {e}") from None
+            what = "restore the saved state of" if state else "boot"
+            raise ServerFailure(f"cannot {what} {self.image.directory}: {e}") from None
         finally:
             if shower is not None:
                 shower.stop()
@@ -173,8 +224,64 @@ class QemuServer(VirtServer):
                 machine.channel.sock, machine.path("exec.sock"), console_log=machine.console_log
             )
             self.mux.start()
-        self._wait_system_running()
-        self.debug(f"testbed ready in {time.monotonic() - started:.1f} s")
+
+    def _save_ready_state(self) -> None:
+        """Freeze the freshly booted machine into a ready state, then continue from it (a
+        restored testbed, like every later one), so the first run tests what later runs get."""
+        machine, mux = self.machine, self.mux
+        assert machine is not None and mux is not None
+        started = time.monotonic()
+        try:
+            staging = self.states.staging()
+        except OSError as e:
+            self.warn(f"cannot save the ready state (continuing without): {e}")
+            return
+        try:
+            # nothing may write the disk between the memory snapshot and the copy
+            self.execute(["sync"], timeout=60)
+            mux.stop()
+            self.mux = None
+            machine.save_state(staging / "state.bin")
+            shutil.copyfile(machine.overlay, staging / "disk.qcow2")
+            facts: dict[str, object] = {"image": str(self.image.directory), "shape": self.shape}
+            state = self.states.commit(staging, self.state_key, facts)
+        except (OSError, MachineError) as e:
+            self.states.discard(staging)
+            self.warn(f"cannot save the ready state ({e}); booting cold")
+            self.close_testbed()
+            self._launch(None)
+            self._wait_system_running()
+            return
+        self.debug(f"ready state saved in {time.monotonic() - started:.1f} s: {state}")
+        self.close_testbed()
+        if state is None:
+            self._launch(None)
+            self._wait_system_running()
+            return
+        self._launch(state)
+        self._refresh_identity()
+
+    def _refresh_identity(self) -> None:
+        """What a restore leaves stale: the clock, the entropy pool, the machine's identity
+        (every restored testbed would otherwise share them)."""
+        machine_id = secrets.token_hex(16)
+        script = (
+            'date -u -s "@$1" >/dev/null; head -c 512 > /dev/urandom;'
+            ' echo "$2" > /etc/machine-id;'
+            ' name="nestbed-$(echo "$2" | cut -c1-8)"; echo "$name" > /etc/hostname;'
+            ' hostname "$name";'
+            ' if grep -q "^127.0.1.1" /etc/hosts; then'
+            '  sed -i "s/^127\\.0\\.1\\.1.*/127.0.1.1 $name/" /etc/hosts;'
+            ' else echo "127.0.1.1 $name" >> /etc/hosts; fi'
+        )
+        res = self.execute(
+            ["sh", "-ec", script, "sh", f"{time.time():.6f}", machine_id],
+            stdin=os.urandom(512),
+            timeout=60,
+        )
+        if res.returncode != 0:
+            err = res.stderr.decode(errors="replace").strip()
+            raise ServerFailure(self._explain(f"cannot refresh the restored guest: {err}"))
 
     def _wait_system_running(self) -> None:
         # the agent answers early in the boot; tests expect a booted system

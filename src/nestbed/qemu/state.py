@@ -1,0 +1,126 @@
+"""Saved ready states: a booted testbed frozen once, restored in well under a second.
+
+A ready state is a directory `.states/IMAGE-KEY/` beside the image directory (the image
+cache skips dot-directories) holding
+
+- `disk.qcow2`: the guest's overlay at the moment of the save (its backing file is the base
+  image), read-only from then on: restored testbeds get a fresh overlay on top of it;
+- `state.bin`: QEMU's migration stream of the paused machine (memory and devices);
+- `meta.json`, written last: the key and what it was computed from.
+
+KEY hashes everything a restore depends on: the image's manifest, the disk's size and
+mtime, the QEMU binary (path, size, mtime), and the machine's shape -- its command line
+with the per-run paths blanked (memory, CPUs, -cpu, accelerator, devices, disk serials and
+formats, extra options). A state whose key does not match is never looked up; one that
+fails to restore is removed by the caller and replaced by a cold boot.
+
+States are saved into a staging directory and renamed into place, so a reader sees a
+complete state or none; two testbeds saving at once keep the first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+STATES_DIR = ".states"
+DISK = "disk.qcow2"
+STATE = "state.bin"
+META = "meta.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ReadyState:
+    directory: Path
+
+    @property
+    def disk(self) -> Path:
+        return self.directory / DISK
+
+    @property
+    def state(self) -> Path:
+        return self.directory / STATE
+
+
+def _stat_id(path: Path) -> list[object]:
+    try:
+        st = path.stat()
+    except OSError:
+        return [os.fspath(path), None]
+    return [os.fspath(path), st.st_size, st.st_mtime_ns]
+
+
+def state_key(manifest_json: str, disk: Path, qemu_binary: Path, shape: list[str]) -> str:
+    material = json.dumps(
+        {
+            "version": FORMAT_VERSION,
+            "manifest": manifest_json,
+            "disk": _stat_id(disk),
+            "qemu": _stat_id(qemu_binary),
+            "shape": shape,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+class StateStore:
+    """Where the ready states of one image live."""
+
+    def __init__(self, image_dir: Path) -> None:
+        self.root = image_dir.parent / STATES_DIR
+        self.prefix = image_dir.name
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{self.prefix}-{key}"
+
+    def lookup(self, key: str) -> ReadyState | None:
+        """The complete state for key, or None."""
+        d = self.path(key)
+        try:
+            meta = json.loads((d / META).read_text())
+        except (OSError, ValueError):
+            return None
+        if meta.get("key") != key or meta.get("version") != FORMAT_VERSION:
+            return None
+        state = ReadyState(d)
+        if not state.disk.is_file() or not state.state.is_file():
+            return None
+        return state
+
+    def staging(self) -> Path:
+        """A fresh directory to save a state into (then `commit` or `discard` it)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".save-", dir=self.root))
+
+    def commit(self, staging: Path, key: str, facts: dict[str, object]) -> ReadyState | None:
+        for name in (DISK, STATE):
+            with contextlib.suppress(OSError):
+                (staging / name).chmod(0o444)
+        meta = {"key": key, "version": FORMAT_VERSION, "saved": time.time(), **facts}
+        (staging / META).write_text(json.dumps(meta, indent=2) + "\n")
+        try:
+            staging.rename(self.path(key))
+        except OSError:  # someone else saved it first: theirs is as good
+            self.discard(staging)
+        return self.lookup(key)
+
+    @staticmethod
+    def discard(directory: Path) -> None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+    def remove(self, key: str) -> None:
+        """Drop a state that failed to restore (renamed away first: readers see none)."""
+        d = self.path(key)
+        trash = self.root / f".stale-{os.getpid()}-{d.name}"
+        with contextlib.suppress(OSError):
+            d.rename(trash)
+        self.discard(trash)
