@@ -92,3 +92,29 @@ def test_hello_built_tree_upstream_tests_fail_with_126(
 ) -> None:
     run = _run(None, program, hello_built_tree, tmp_path)
     assert (run.exit_code, run.result_lines()) == (4, HELLO_BUILT), run.describe()
+
+
+def _run_input(program: str, package: str, options: tuple[str, ...], tmp_path: Path) -> RunResult:
+    try:
+        return run_program(program, Path(package), options, tmp_path / program)
+    except HarnessError as e:
+        pytest.fail(str(e))
+
+
+@pytest.mark.parametrize("program", ["autopkgtest", "nestbed"])
+def test_hello_from_dsc_is_built_in_the_testbed(
+    program: str, real_sources: dict[str, Path], tmp_path: Path
+) -> None:
+    """From the .dsc both build in the testbed, and hello's own defect shows (126)."""
+    dsc = next(real_sources["hello"].parent.glob("hello_*.dsc"))
+    run = _run_input(program, str(dsc), (), tmp_path)
+    assert (run.exit_code, run.result_lines()) == (4, HELLO_BUILT), run.describe()
+
+
+@pytest.mark.parametrize("program", ["autopkgtest", "nestbed"])
+def test_hello_by_source_name_tests_the_archive_binaries(
+    program: str, real_sources: dict[str, Path], tmp_path: Path
+) -> None:
+    """A source package name is fetched with apt-get source in the testbed; no build."""
+    run = _run_input(program, "hello", (), tmp_path)
+    assert (run.exit_code, run.result_lines()) == (0, HELLO_FRESH), run.describe()

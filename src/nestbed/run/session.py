@@ -241,6 +241,7 @@ class Session:
         self.console.info(f"@@@@@@@@@@@@@@@@@@@@ {package.kind} {package.path}")
         self.blamed.append(package.path)
         self._reset(())
+        self.binaries.publish(self.testbed, self.copy_timeout)  # the .debs given before it
         self._package = package
         tree = self._prepare(package)
         self._tree_stale = False
