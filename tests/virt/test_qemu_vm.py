@@ -152,9 +152,49 @@ def test_copies_keep_modes_and_symlinks(testbed: Testbed, tmp_path: Path) -> Non
 def test_revert_gives_a_fresh_system_and_the_same_scratch(testbed: Testbed) -> None:
     scratch = testbed.scratch
     testbed.execute(["sh", "-c", "echo dirty > /etc/dirty"])
+    ident = ["sh", "-c", "cat /etc/machine-id; hostname"]
+    before = testbed.execute(ident).stdout
     assert testbed.revert(timeout=400) == scratch
     assert testbed.execute(["test", "-e", "/etc/dirty"]).returncode == 1
     assert testbed.execute(["test", "-d", scratch]).returncode == 0
+    # a restored testbed gets its own identity and the host's time
+    assert testbed.execute(ident).stdout != before
+    guest_time = float(testbed.execute(["date", "+%s.%N"]).stdout)
+    assert abs(guest_time - time.time()) < 10
+
+
+def test_stale_ready_state_is_replaced_by_a_cold_boot(nestbed_image: ImagePaths) -> None:
+    from nestbed.qemu.state import StateStore
+
+    shape = ["--ram-size", "1536"]  # a shape of its own: a state no other test uses
+    logs: list[str] = []
+
+    def open_close() -> None:
+        tb = Testbed([SERVER, "-d", *shape, str(nestbed_image.directory)], log=logs.append)
+        tb.start()
+        try:
+            tb.open(timeout=400)
+            assert tb.execute(["true"]).returncode == 0
+        finally:
+            tb.quit()
+
+    store = StateStore(nestbed_image.directory)
+    before = set(store.root.iterdir()) if store.root.exists() else set()
+    try:
+        open_close()
+        new = [d for d in store.root.iterdir() if d not in before and not d.name.startswith(".")]
+        assert len(new) == 1
+        state = new[0] / "state.bin"
+        state.chmod(0o644)
+        state.write_bytes(state.read_bytes()[: 1 << 20])  # truncated: cannot be loaded
+        logs.clear()
+        open_close()
+        assert any("unusable" in line for line in logs), logs
+        assert any("ready state saved" in line for line in logs), logs
+        assert (new[0] / "state.bin").stat().st_size > 1 << 20
+    finally:
+        for d in set(store.root.iterdir()) - before:
+            StateStore.discard(d)
 
 
 def test_reboot_keeps_the_scratch_dir(testbed: Testbed) -> None:

@@ -28,6 +28,7 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,18 @@ class _Client:
 
 class Mux:
     def __init__(
-        self, agent: socket.socket, listen_path: Path, console_log: Path | None = None
+        self,
+        agent: socket.socket,
+        listen_path: Path,
+        console_log: Path | None = None,
+        *,
+        agent_path: Path | None = None,
+        alive: Callable[[], bool] | None = None,
     ) -> None:
         self._agent = agent
+        self._agent_path = agent_path  # to reconnect when QEMU drops the connection
+        self._alive = alive
+        self._own_agent = False  # a reconnected socket is ours to close
         self._agent.setblocking(False)
         self._agent_out = bytearray()
         self._decoder = Decoder()
@@ -102,6 +112,9 @@ class Mux:
             self._listener.close()
         with contextlib.suppress(OSError):
             os.unlink(self.listen_path)
+        if self._own_agent:
+            with contextlib.suppress(OSError):
+                self._agent.close()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -220,7 +233,8 @@ class Mux:
             self._die(f"control channel read failed: {e}")
             return
         if not data:
-            self._die("the control channel closed (QEMU exited?)")
+            if not self._reconnect():
+                self._die("the control channel closed (QEMU exited?)")
             return
         for frame in self._decoder.feed(data):
             if frame.stream == 0:
@@ -238,6 +252,42 @@ class Mux:
             if client is not None and not client.closed:
                 client.out += encode(frame.type, cs, frame.payload)
 
+    def _reconnect(self) -> bool:
+        """QEMU closed the connection while still running (a guest reset after a restore
+        does that): connect again; streams that were running end with an ERROR."""
+        if self._agent_path is None or self._alive is None:
+            return False
+        deadline = time.monotonic() + 10
+        while self._alive() and time.monotonic() < deadline:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(os.fspath(self._agent_path))
+            except OSError:
+                sock.close()
+                time.sleep(0.1)
+                continue
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._sel.unregister(self._agent)
+            if self._own_agent:
+                self._agent.close()
+            sock.setblocking(False)
+            self._agent, self._own_agent = sock, True
+            self._sel.register(sock, selectors.EVENT_READ, "agent")
+            self._decoder.reset()
+            self._agent_out.clear()
+            self._fail_all_streams("the control channel was reset")
+            with self._lock:
+                self._hello_next = 0.0  # a pending hello is sent again at once
+            return True
+        return False
+
+    def _fail_all_streams(self, message: str) -> None:
+        for agent_stream, (client, cs) in list(self._routes.items()):
+            del self._routes[agent_stream]
+            if client is not None and not client.closed:
+                client.streams.pop(cs, None)
+                client.out += encode_json(T.ERROR, cs, {"message": message})
+
     def _on_hello_reply(self, payload: bytes) -> None:
         with self._lock:
             if payload[:NONCE_SIZE] not in self._hello_nonces or not self._hello_wanted:
@@ -249,11 +299,7 @@ class Mux:
             except ValueError:
                 self._hello_reply = {}
         # the agent dropped every stream: tell their clients
-        for agent_stream, (client, cs) in list(self._routes.items()):
-            del self._routes[agent_stream]
-            if client is not None and not client.closed:
-                client.streams.pop(cs, None)
-                client.out += encode_json(T.ERROR, cs, {"message": "the guest agent was reset"})
+        self._fail_all_streams("the guest agent was reset")
         self._hello_done.set()
 
     # -- client side --------------------------------------------------------------------

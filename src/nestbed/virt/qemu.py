@@ -221,7 +221,11 @@ class QemuServer(VirtServer):
         self.boot_id = str(machine.channel.info.get("boot_id", ""))
         with self.critical():
             self.mux = Mux(
-                machine.channel.sock, machine.path("exec.sock"), console_log=machine.console_log
+                machine.channel.sock,
+                machine.path("exec.sock"),
+                console_log=machine.console_log,
+                agent_path=machine.control_socket,
+                alive=lambda: machine.running,
             )
             self.mux.start()
 
