@@ -11,6 +11,7 @@ from typing import NoReturn
 from nestbed import errors
 from nestbed.log import DEBUG, INFO, QUIET, program_name
 from nestbed.run.options import DEFAULT_TIMEOUTS, RunOptions, Timeouts
+from nestbed.run.setup import APT_UPGRADE, SetupRequest, read_command
 from nestbed.sources import classify
 from nestbed.testbed.client import resolve_virt_server
 
@@ -173,6 +174,60 @@ def _build_parser() -> _Parser:
     )
     g.add_argument("--build-parallel", metavar="N", help="DEB_BUILD_OPTIONS parallel=N")
 
+    g = p.add_argument_group("testbed setup (applied again after every revert)")
+    g.add_argument(
+        "--setup-commands",
+        action="append",
+        default=[],
+        metavar="COMMANDS_OR_FILE",
+        help="run these shell commands as root after opening the testbed (exit 100: the "
+        "package's fault, exit 12; other failures: testbed failure, exit 16)",
+    )
+    g.add_argument(
+        "-U",
+        "--apt-upgrade",
+        dest="setup_commands",
+        action="append_const",
+        const=APT_UPGRADE,
+        help="apt-get update and dist-upgrade the testbed first",
+    )
+    g.add_argument(
+        "--setup-commands-boot",
+        action="append",
+        default=[],
+        metavar="COMMANDS_OR_FILE",
+        help="like --setup-commands, and again after every reboot of the testbed",
+    )
+    g.add_argument(
+        "--add-apt-source",
+        action="append",
+        default=[],
+        metavar="'deb URL SUITE COMPONENT'",
+        help="add an apt source line in the testbed",
+    )
+    g.add_argument(
+        "--apt-pocket",
+        action="append",
+        default=[],
+        metavar="POCKET[=PKG,src:SRC,...]",
+        help="add the RELEASE-POCKET suite of the testbed's mirror; with packages, take "
+        "only those from it (pinned)",
+    )
+    g.add_argument(
+        "--pin-packages",
+        action="append",
+        default=[],
+        metavar="RELEASE=PKG,src:SRC,...",
+        help="take these packages from RELEASE (apt pinning, priority 995)",
+    )
+    g.add_argument(
+        "--copy",
+        action="append",
+        default=[],
+        metavar="HOSTPATH:TESTBEDPATH",
+        help="copy a file or directory into the testbed",
+    )
+
     g = p.add_argument_group("timeouts (seconds)")
     for kind, default in DEFAULT_TIMEOUTS.items():
         g.add_argument(
@@ -215,6 +270,25 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
     if ns.set_lang:
         env.append("LANG=" + ns.set_lang)
     classified = classify(ns.packages, ns.built_binaries)
+    copies = []
+    for item in ns.copy:
+        host, sep, tb = item.partition(":")
+        if not sep or not host or not tb:
+            parser.error(f"--copy argument must be HOSTPATH:TESTBEDPATH: {item}")
+        if not os.path.exists(host):
+            parser.error(f"--copy host path {host} does not exist")
+        copies.append((host, tb))
+    for item in ns.pin_packages:
+        if "=" not in item:
+            parser.error(f"--pin-packages must be RELEASE=PACKAGE,...: {item}")
+    setup = SetupRequest(
+        setup_commands=tuple(read_command(c) for c in ns.setup_commands),
+        setup_commands_boot=tuple(read_command(c) for c in ns.setup_commands_boot),
+        copies=tuple(copies),
+        add_apt_sources=tuple(ns.add_apt_source),
+        apt_pockets=tuple(ns.apt_pocket),
+        pin_packages=tuple(ns.pin_packages),
+    )
     if ns.output_dir and os.path.isdir(ns.output_dir) and os.listdir(ns.output_dir):
         raise errors.UsageError(f'--output-dir "{ns.output_dir}" is not empty')
     timeouts = Timeouts(
@@ -245,6 +319,7 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
         json_file=ns.json_file,
         junit_file=ns.junit_file,
         build_parallel=ns.build_parallel,
+        setup=setup,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from nestbed.log import INFO
+from nestbed.run.setup import SetupRequest
 
 # autopkgtest's default timeouts in seconds (adt_testbed.timeouts)
 DEFAULT_TIMEOUTS: dict[str, int] = {
@@ -51,3 +52,4 @@ class RunOptions:
     json_file: str | None = None
     junit_file: str | None = None
     build_parallel: str | None = None
+    setup: SetupRequest = field(default_factory=SetupRequest)

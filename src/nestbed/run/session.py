@@ -22,6 +22,7 @@ from nestbed.report.results import ExitStatus, TestResult, Verdict
 from nestbed.run import build, deps, executor
 from nestbed.run.binaries import Binaries
 from nestbed.run.options import PackageArg, RunOptions
+from nestbed.run.setup import Setup
 from nestbed.run.tree import Limits, SourceTree, prepare
 from nestbed.spec.compat import unsupported_reason
 from nestbed.spec.control import parse_control
@@ -185,6 +186,9 @@ class Session:
             self.user = self.options.user
             if self.user is None and "root-on-testbed" in tb.caps:
                 self.user = tb.normal_user or ""
+        Setup(tb, self.console, self.options.timeouts.short, self.options.timeouts.install).apply(
+            self.options.setup, self.user
+        )
         self.arch = self._check_exec(["dpkg", "--print-architecture"], "dpkg").strip()
         self.console.info("testbed dpkg architecture: " + self.arch)
         packages = self._installed_packages()
