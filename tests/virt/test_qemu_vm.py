@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from nestbed.image import ImagePaths
-from nestbed.testbed.client import Testbed
+from nestbed.testbed.client import Testbed as Client
 
 pytestmark = pytest.mark.vm
 
@@ -102,8 +102,8 @@ def wait_for(predicate: object, timeout: float, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def testbed(nestbed_image: ImagePaths) -> Iterator[Testbed]:
-    tb = Testbed([SERVER, str(nestbed_image.directory)], log=lambda _line: None)
+def testbed(nestbed_image: ImagePaths) -> Iterator[Client]:
+    tb = Client([SERVER, str(nestbed_image.directory)], log=lambda _line: None)
     tb.start()
     try:
         tb.open(timeout=400)
@@ -112,7 +112,7 @@ def testbed(nestbed_image: ImagePaths) -> Iterator[Testbed]:
         tb.quit()
 
 
-def test_capabilities_and_exec_prefix(testbed: Testbed) -> None:
+def test_capabilities_and_exec_prefix(testbed: Client) -> None:
     for cap in ("revert", "revert-full-system", "root-on-testbed", "isolation-machine", "reboot"):
         assert cap in testbed.caps
     assert testbed.normal_user == "nestbed"
@@ -124,7 +124,7 @@ def test_capabilities_and_exec_prefix(testbed: Testbed) -> None:
     assert res.stdout == b"nestbed\n"
 
 
-def test_copies_keep_modes_and_symlinks(testbed: Testbed, tmp_path: Path) -> None:
+def test_copies_keep_modes_and_symlinks(testbed: Client, tmp_path: Path) -> None:
     src = tmp_path / "tree"
     (src / "sub").mkdir(parents=True)
     (src / "run.sh").write_text("#!/bin/sh\necho hi\n")
@@ -149,7 +149,7 @@ def test_copies_keep_modes_and_symlinks(testbed: Testbed, tmp_path: Path) -> Non
     assert (tmp_path / "one.txt").read_text() == "one\n"
 
 
-def test_revert_gives_a_fresh_system_and_the_same_scratch(testbed: Testbed) -> None:
+def test_revert_gives_a_fresh_system_and_the_same_scratch(testbed: Client) -> None:
     scratch = testbed.scratch
     testbed.execute(["sh", "-c", "echo dirty > /etc/dirty"])
     ident = ["sh", "-c", "cat /etc/machine-id; hostname"]
@@ -170,7 +170,7 @@ def test_stale_ready_state_is_replaced_by_a_cold_boot(nestbed_image: ImagePaths)
     logs: list[str] = []
 
     def open_close() -> None:
-        tb = Testbed([SERVER, "-d", *shape, str(nestbed_image.directory)], log=logs.append)
+        tb = Client([SERVER, "-d", *shape, str(nestbed_image.directory)], log=logs.append)
         tb.start()
         try:
             tb.open(timeout=400)
@@ -197,7 +197,7 @@ def test_stale_ready_state_is_replaced_by_a_cold_boot(nestbed_image: ImagePaths)
             StateStore.discard(d)
 
 
-def test_reboot_keeps_the_scratch_dir(testbed: Testbed) -> None:
+def test_reboot_keeps_the_scratch_dir(testbed: Client) -> None:
     before = testbed.execute(["cat", "/proc/sys/kernel/random/boot_id"]).stdout
     testbed.execute(["sh", "-c", f"echo kept > {testbed.scratch}/mark"])
     testbed.reboot(timeout=400)
