@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,3 +30,18 @@ def write_package(root: Path, tests: dict[str, str], control: str) -> Path:
         path.write_text(body)
         path.chmod(0o755)
     return root
+
+
+def make_deb(directory: Path, name: str = "nestbed-fixture-bin") -> Path:
+    """A tiny arch-all .deb, in no archive, that installs /usr/share/NAME/marker."""
+    root = directory / "debroot"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "usr" / "share" / name).mkdir(parents=True)
+    (root / "usr" / "share" / name / "marker").write_text("from the local deb\n")
+    (root / "DEBIAN" / "control").write_text(
+        f"Package: {name}\nVersion: 1.0\nArchitecture: all\n"
+        "Maintainer: t <t@localhost>\nDescription: nestbed test fixture\n"
+    )
+    deb = directory / f"{name}_1.0_all.deb"
+    subprocess.run(["dpkg-deb", "-b", str(root), str(deb)], check=True, capture_output=True)
+    return deb

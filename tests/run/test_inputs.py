@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests_support import nestbed_argv, write_package
+from tests_support import make_deb, nestbed_argv, write_package
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the null testbed runs tests via su")
 
@@ -74,24 +74,14 @@ def test_git_url_is_cloned_and_tested(tmp_path: Path) -> None:
 @pytest.fixture
 def local_deb(tmp_path: Path) -> Iterator[Path]:
     """A tiny .deb that is in no archive; purged from this host afterwards."""
-    root = tmp_path / "debroot"
-    (root / "DEBIAN").mkdir(parents=True)
-    (root / "usr" / "share" / "nestbed-fixture").mkdir(parents=True)
-    (root / "usr" / "share" / "nestbed-fixture" / "marker").write_text("from the local deb\n")
-    (root / "DEBIAN" / "control").write_text(
-        "Package: nestbed-fixture-bin\nVersion: 1.0\nArchitecture: all\n"
-        "Maintainer: t <t@localhost>\nDescription: nestbed test fixture\n"
-    )
-    deb = tmp_path / "nestbed-fixture-bin_1.0_all.deb"
-    subprocess.run(["dpkg-deb", "-b", str(root), str(deb)], check=True, capture_output=True)
-    yield deb
+    yield make_deb(tmp_path)
     subprocess.run(["dpkg", "--purge", "nestbed-fixture-bin"], capture_output=True, check=False)
 
 
 def test_given_deb_is_installed_instead_of_the_archive(tmp_path: Path, local_deb: Path) -> None:
     tree = write_package(
         tmp_path / "pkg",
-        {"uses-deb": "#!/bin/sh\ncat /usr/share/nestbed-fixture/marker\n"},
+        {"uses-deb": "#!/bin/sh\ncat /usr/share/nestbed-fixture-bin/marker\n"},
         "Tests: uses-deb\nDepends: nestbed-fixture-bin\n",
     )
     p = nestbed(str(local_deb), str(tree), "--", "null")

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from nestbed.cli import parse_args
+from nestbed.run.binaries import inspect, packages_index
 from nestbed.run.setup import APT_UPGRADE
-from tests_support import nestbed_argv, write_package
+from tests_support import make_deb, nestbed_argv, write_package
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the null testbed runs tests via su")
 RESULT = re.compile(r"^\S+ +(PASS|FAIL|SKIP|FLAKY)\b")
@@ -91,3 +94,47 @@ def test_apt_upgrade_and_argument_checks() -> None:
     p = nestbed("--copy", "/nonexistent:/x", tree, "--", "null")
     assert p.returncode == 20
     assert "--copy host path /nonexistent does not exist" in p.stderr
+
+
+@pytest.fixture
+def apt_cleanup() -> Iterator[None]:
+    yield
+    for path in Path("/etc/apt/sources.list.d").glob("nestbed-*.list"):
+        path.unlink()
+    subprocess.run(["dpkg", "--purge", "nestbed-fixture-bin"], capture_output=True, check=False)
+
+
+def test_add_apt_source_makes_its_packages_installable(
+    tmp_path: Path, apt_cleanup: None, request: pytest.FixtureRequest
+) -> None:
+    # apt reads file: sources as its unprivileged _apt user: the path must be readable
+    repo = Path(tempfile.mkdtemp(prefix="nestbed-test-repo."))
+    repo.chmod(0o755)
+    request.addfinalizer(lambda: shutil.rmtree(repo))
+    deb = make_deb(repo)
+    (repo / "Packages").write_text(packages_index([inspect(str(deb))]))
+    tree = write_package(
+        tmp_path / "pkg",
+        {"uses": "#!/bin/sh\ncat /usr/share/nestbed-fixture-bin/marker\n"},
+        "Tests: uses\nDepends: nestbed-fixture-bin\n",
+    )
+    source = f"deb [trusted=yes] file://{repo} ./"
+    p = nestbed("-B", "--add-apt-source", source, str(tree), "--", "null")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert results(p) == ["uses                 PASS"]
+    assert "from the local deb" in p.stdout
+
+
+def test_apt_pocket_adds_the_suite_and_pins(
+    tmp_path: Path, apt_cleanup: None, pin_cleanup: None
+) -> None:
+    tree = write_package(
+        tmp_path / "pkg",
+        {"show": "#!/bin/sh\ncat /etc/apt/sources.list.d/nestbed-backports.list "
+         "/etc/apt/preferences.d/nestbed-*-backports\n"},
+        "Tests: show\nDepends:\n",
+    )  # fmt: skip
+    p = nestbed("-B", "--apt-pocket=backports=hello", str(tree), "--", "null")
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"^deb \S+ \w+-backports main$", p.stdout, re.M), p.stdout
+    assert re.search(r"Package: hello\nPin: release a=\w+-backports\nPin-Priority: 995", p.stdout)
