@@ -33,7 +33,7 @@ def test_help_teaches_and_exits_0() -> None:
     [
         (["--bogus", str(EXAMPLE), "--", "null"], "unrecognized arguments: --bogus"),
         (["/nonexistent/tree", "--", "null"], "/nonexistent/tree is not a valid test package"),
-        ([str(EXAMPLE)], "no testbed given"),
+        ([str(EXAMPLE), "--"], "no testbed after --"),
         ([str(EXAMPLE), "--", "no-such-testbed"], "no-such-testbed"),
         (["--env", "NOEQUALS", str(EXAMPLE), "--", "null"], "--env must be VAR=value"),
         (["@/nonexistent/args"], "cannot read argument file /nonexistent/args"),

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import NoReturn
 
 from nestbed import errors
@@ -20,17 +21,24 @@ Run the as-installed tests (DEP-8, debian/tests/control) of a Debian source pack
 testbed, exactly as autopkgtest would: same options, result lines, summary file, output
 directory and exit codes.
 
-  nestbed [options] PACKAGE... -- VIRT-SERVER [virt-server options]
+  nestbed [options] PACKAGE... [-- VIRT-SERVER [virt-server options]]
 
-PACKAGE is an unbuilt source tree (a directory with debian/control), or a built tree
-(debian/files exists, or only debian/tests/control). VIRT-SERVER is a testbed:
-  null      the host itself (nestbed-virt-null). As root, test dependencies are
-            INSTALLED ON THIS MACHINE with apt, and tests can change it: use null only
-            on a machine you can throw away.
-  NAME      any nestbed-virt-NAME on PATH
-  /PATH     any virt server program, e.g. /usr/bin/autopkgtest-virt-null
+PACKAGE (as autopkgtest takes it): an unbuilt source tree (a directory with debian/control;
+built in the testbed unless -B), a built tree, a .dsc, a .changes, .deb files to test instead
+of the archive's, a source package name (apt-get source in the testbed), or a git URL.
+
+VIRT-SERVER is the testbed. Without "-- VIRT-SERVER" the tests run in a QEMU virtual
+machine of nestbed's default image (Debian bookworm from this machine's apt mirror, built
+and cached the first time: see "nestbed image --help").
+  qemu IMAGE  a throwaway VM of IMAGE (nestbed-virt-qemu --help); IMAGE is never written
+  null        the host itself (nestbed-virt-null). As root, test dependencies are
+              INSTALLED ON THIS MACHINE with apt, and tests can change it: use null only
+              on a machine you can throw away.
+  NAME        any nestbed-virt-NAME on PATH
+  /PATH       any virt server program, e.g. /usr/bin/autopkgtest-virt-null
 
 Examples:
+  nestbed ./hello                              build and test hello in a fresh VM
   nestbed -B ./hello -- null                   run hello's tests on this host, no build
   nestbed -o out --test-name smoke . -- null   one test, results in ./out
   nestbed @args.txt                            read arguments from a file, one per line
@@ -81,7 +89,7 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser() -> _Parser:
     p = _Parser(
         prog=program_name(),
-        usage="%(prog)s [options] PACKAGE... -- VIRT-SERVER [virt-server options]",
+        usage="%(prog)s [options] PACKAGE... [-- VIRT-SERVER [virt-server options]]",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -260,9 +268,10 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
     # expand @argfiles first, so a "--" inside one splits like on the command line
     ours, virt = _split_virt(expand_argfiles(argv))
     ns = parser.parse_args(ours)
-    if not virt:
-        parser.error("no testbed given: add -- VIRT-SERVER, e.g. '-- null'")
-    resolve_virt_server(virt[0])  # an unknown testbed is a usage error, before anything starts
+    if virt is not None and not virt:
+        parser.error("no testbed after --: name one, e.g. '-- null' or '-- qemu IMAGE'")
+    if virt:
+        resolve_virt_server(virt[0])  # an unknown testbed is a usage error, before anything starts
     for e in ns.env:
         if "=" not in e:
             parser.error(f"--env must be VAR=value, got {e!r}")
@@ -303,7 +312,7 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
     )
     return RunOptions(
         packages=classified,
-        virt_argv=tuple(virt),
+        virt_argv=tuple(virt or ()),
         only_tests=tuple(ns.only_tests),
         skip_tests=tuple(ns.skip_tests),
         output_dir=ns.output_dir,
@@ -334,9 +343,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except errors.NestbedError as e:
         print(f"{program_name()}: error: {e}", file=sys.stderr)
         return e.exit_code
+    if not options.virt_argv:
+        try:
+            options = replace(options, virt_argv=("qemu", default_image()))
+        except errors.NestbedError as e:
+            print(f"{program_name()}: error: {e}", file=sys.stderr)
+            return e.exit_code
     from nestbed.run.session import run
 
     return run(options)
+
+
+def default_image() -> str:
+    """No testbed named: a QEMU VM of the default image, built (with progress) the first time."""
+    from nestbed.image.build import ensure_image
+    from nestbed.image.progress import for_stream
+
+    progress = for_stream(sys.stderr)
+    try:
+        return str(ensure_image(progress=progress).directory)
+    finally:
+        progress.close()
 
 
 if __name__ == "__main__":

@@ -274,7 +274,7 @@ class Session:
     def _prepare(self, package: PackageArg) -> SourceTree:
         assert self.testbed is not None
         limits = Limits(copy=self.copy_timeout, install=self.options.timeouts.install)
-        return prepare(self.testbed, package, limits, self.workdir, self.console)
+        return prepare(self.testbed, package, limits, self.workdir, self.console, self.user)
 
     def _register_binary(self, path: str) -> None:
         self.blamed.append(f"arg:{path}")

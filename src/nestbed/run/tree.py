@@ -74,12 +74,32 @@ def _create_in_testbed(testbed: Testbed, create: str, timeout: int, console: Con
 
 
 def prepare(
+    testbed: Testbed,
+    package: PackageArg,
+    limits: Limits,
+    host_dir: str,
+    console: Console,
+    user: str | None = None,
+) -> SourceTree:
+    """Put the tree into the testbed, owned by `user` who runs the tests (and builds).
+
+    The user's own tree and files are never written to. `host_dir` is a private
+    directory where a tree made in the testbed is copied back.
+    """
+    tree = _prepare(testbed, package, limits, host_dir, console)
+    if user and "root-on-testbed" in testbed.caps:
+        # tests that are not needs-root run as the normal user and may write their tree
+        parent = tree.testbed if package.kind == "built-tree" else os.path.dirname(tree.testbed)
+        r = testbed.execute(["chown", "-R", user, "--", parent], timeout=limits.copy)
+        if r.returncode != 0:
+            err = r.stderr.decode("UTF-8", "replace").strip()
+            raise TestbedFailure(f"giving the source tree to {user} failed: {err}")
+    return tree
+
+
+def _prepare(
     testbed: Testbed, package: PackageArg, limits: Limits, host_dir: str, console: Console
 ) -> SourceTree:
-    """Put the tree into the testbed; the user's own tree and files are never written to.
-
-    `host_dir` is a private directory where a tree made in the testbed is copied back.
-    """
     q = shlex.quote
     scratch = testbed.scratch
     if package.kind == "built-tree":
