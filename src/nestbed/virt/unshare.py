@@ -1,0 +1,176 @@
+"""nestbed-virt-unshare: a throwaway container from a root tarball, like autopkgtest-virt-unshare.
+
+The testbed is a container (`nestbed.container`): its own mount, PID, IPC, UTS and cgroup
+namespaces (and a user namespace mapped through /etc/subuid when not run as root), the root
+pivoted into a tree unpacked from the tarball, a fresh /proc, a minimal /dev of bound device
+nodes, devpts, and tmpfs on /tmp and /dev/shm. The network is the host's (apt must reach
+the mirror).
+
+Without ``--tarball`` the tarball is built on first use with mmdebstrap (minbase, apt lists
+kept) from the machine's apt sources or ``--mirror``, and cached.
+
+Revert: by default writes go to an overlay whose upper dir is a tmpfs inside the container,
+so a revert (or close) is "kill PID 1, start a new container" on the same cached pristine
+tree, and nothing a test wrote ever reaches the host's disk. ``--unpack`` instead unpacks the
+tarball into a private temp dir for each open and revert, as autopkgtest does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+from typing import ClassVar, NoReturn
+
+from nestbed.container import rootfs
+from nestbed.container.container import Container, ContainerConfig
+from nestbed.container.tarball import ensure_tarball, host_arch, host_release
+from nestbed.errors import NestbedError
+from nestbed.image.progress import PlainProgress
+from nestbed.testbed.protocol import ServerFailure, VirtServer, run_server
+
+# the name autopkgtest-virt-unshare gives its normal user, so tests see the same
+NORMAL_USER = "unshare"
+REQUIRED = ("unshare", "nsenter", "tar")
+
+
+class UnshareServer(VirtServer):
+    name: ClassVar[str] = "unshare"
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args)
+        missing = [p for p in REQUIRED if shutil.which(p) is None]
+        if missing:
+            raise ServerFailure(f"{', '.join(missing)} not found (install util-linux, tar)")
+        self.userns = os.geteuid() != 0
+        if self.userns and not _has_subid_range():
+            raise ServerFailure(
+                f"not root and no range for {_user()} in /etc/subuid and /etc/subgid: "
+                "add one (see usermod --add-subuids) or run as root"
+            )
+        self.tarball: Path | None = None
+        if args.tarball is not None:
+            self.tarball = Path(args.tarball).absolute()
+            if not self.tarball.is_file():
+                raise ServerFailure(f"tarball {args.tarball} does not exist")
+        self.release: str = args.release or host_release()
+        self.arch: str = args.arch or host_arch()
+        self.container: Container | None = None
+        self.private: Path | None = None  # direct mode: the unpacked tree we remove
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("-r", "--release", help="Debian release (default: the host's)")
+        parser.add_argument("-a", "--arch", help="architecture (default: the host's)")
+        parser.add_argument(
+            "--mirror", help="Debian mirror URL (default: from the machine's apt sources)"
+        )
+        parser.add_argument(
+            "-t", "--tarball", help="root tarball to use (default: build one and cache it)"
+        )
+        parser.add_argument(
+            "--unpack",
+            action="store_true",
+            help="unpack the tarball afresh for every open and revert instead of using an "
+            "overlay on a cached tree",
+        )
+
+    def capabilities(self) -> list[str]:
+        return [
+            "revert",
+            "revert-full-system",
+            "root-on-testbed",
+            "isolation-container",
+            f"suggested-normal-user={NORMAL_USER}",
+        ]
+
+    # ---- testbed -------------------------------------------------------------------------
+
+    def _tarball(self) -> Path:
+        if self.tarball is None:
+            self.tarball = ensure_tarball(
+                self.release, self.arch, self.args.mirror, progress=PlainProgress()
+            )
+            self.debug(f"tarball {self.tarball}")
+        return self.tarball
+
+    def _start(self) -> None:
+        try:
+            tarball = self._tarball()
+            if self.args.unpack:
+                with self.critical():
+                    self.private = rootfs.private_root(tarball, NORMAL_USER, self.userns)
+                config = ContainerConfig(self.private, False, self.private, self.userns)
+            else:
+                tree = rootfs.shared_root(tarball, NORMAL_USER, self.userns)
+                config = ContainerConfig(tree, True, rootfs.mountpoint(), self.userns)
+            with self.critical():
+                self.container = Container(config)
+                self.container.start()
+        except NestbedError as e:
+            raise ServerFailure(str(e)) from None
+        self.debug(f"container PID 1 is {self.container.pid}")
+
+    def _stop(self) -> None:
+        container, self.container = self.container, None
+        if container is not None:
+            container.stop()
+        private, self.private = self.private, None
+        if private is not None:
+            try:
+                rootfs.remove(private, self.userns)
+            except NestbedError as e:
+                raise ServerFailure(str(e)) from None
+
+    def open_testbed(self, scratch: str | None) -> str:
+        self._start()
+        return self.make_scratch(scratch)
+
+    def exec_prefix(self) -> list[str]:
+        if self.container is None:
+            raise ServerFailure("testbed is not open")
+        return self.container.exec_prefix()
+
+    def close_testbed(self) -> None:
+        self._stop()
+
+    def revert_testbed(self, scratch: str) -> str:
+        self._stop()
+        self._start()
+        return self.make_scratch(scratch)
+
+    def debug_fail(self) -> str | None:
+        if self.container is None:
+            return "no container"
+        alive = "running" if self.container.running() else "gone"
+        return f"container PID 1 {self.container.pid} is {alive}"
+
+
+def _user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def _has_subid_range() -> bool:
+    names = {_user(), str(os.getuid())}
+    for path in ("/etc/subuid", "/etc/subgid"):
+        try:
+            with open(path) as f:
+                if not any(line.split(":", 1)[0] in names for line in f):
+                    return False
+        except OSError:
+            return False
+    return True
+
+
+def main() -> NoReturn:
+    run_server(UnshareServer)
+
+
+if __name__ == "__main__":
+    main()
