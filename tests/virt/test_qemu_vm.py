@@ -8,17 +8,14 @@ import os
 import re
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from nestbed.image import ImagePaths
-from nestbed.testbed.client import Testbed as Client
 
 pytestmark = pytest.mark.vm
 
@@ -98,113 +95,6 @@ def wait_for(predicate: object, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-# ---- the server through the runner's Testbed client --------------------------------------
-
-
-@pytest.fixture(scope="module")
-def testbed(nestbed_image: ImagePaths) -> Iterator[Client]:
-    tb = Client([SERVER, str(nestbed_image.directory)], log=lambda _line: None)
-    tb.start()
-    try:
-        tb.open(timeout=400)
-        yield tb
-    finally:
-        tb.quit()
-
-
-def test_capabilities_and_exec_prefix(testbed: Client) -> None:
-    for cap in ("revert", "revert-full-system", "root-on-testbed", "isolation-machine", "reboot"):
-        assert cap in testbed.caps
-    assert testbed.normal_user == "nestbed"
-    res = testbed.execute(["sh", "-c", "cat; echo err >&2; exit 3"], stdin=b"in")
-    assert (res.returncode, res.stdout, res.stderr) == (3, b"in", b"err\n")
-    assert testbed.execute(["sh", "-c", "kill -TERM $$"]).returncode == 128 + 15
-    assert testbed.execute(["id", "-un"]).stdout == b"root\n"
-    res = testbed.execute(["id", "-un"], user="nestbed")
-    assert res.stdout == b"nestbed\n"
-
-
-def test_copies_keep_modes_and_symlinks(testbed: Client, tmp_path: Path) -> None:
-    src = tmp_path / "tree"
-    (src / "sub").mkdir(parents=True)
-    (src / "run.sh").write_text("#!/bin/sh\necho hi\n")
-    (src / "run.sh").chmod(0o750)
-    (src / "sub" / "blob").write_bytes(os.urandom(200_000))
-    (src / "link").symlink_to("sub/blob")
-    tb = f"{testbed.scratch}/copied"
-    testbed.copydown(str(src) + "/", tb + "/")
-    assert testbed.execute([f"{tb}/run.sh"]).stdout == b"hi\n"
-    single = tmp_path / "single"
-    single.write_text("one\n")
-    single.chmod(0o604)
-    testbed.copydown(str(single), f"{testbed.scratch}/single.txt")
-    res = testbed.execute(["stat", "-c", "%a %U", f"{testbed.scratch}/single.txt"])
-    assert res.stdout == b"604 root\n"
-    back = tmp_path / "back"
-    testbed.copyup(tb + "/", str(back) + "/")
-    assert (back / "sub" / "blob").read_bytes() == (src / "sub" / "blob").read_bytes()
-    assert stat.S_IMODE((back / "run.sh").stat().st_mode) == 0o750
-    assert os.readlink(back / "link") == "sub/blob"
-    testbed.copyup(f"{testbed.scratch}/single.txt", str(tmp_path / "one.txt"))
-    assert (tmp_path / "one.txt").read_text() == "one\n"
-
-
-def test_revert_gives_a_fresh_system_and_the_same_scratch(testbed: Client) -> None:
-    scratch = testbed.scratch
-    testbed.execute(["sh", "-c", "echo dirty > /etc/dirty"])
-    ident = ["sh", "-c", "cat /etc/machine-id; hostname"]
-    before = testbed.execute(ident).stdout
-    assert testbed.revert(timeout=400) == scratch
-    assert testbed.execute(["test", "-e", "/etc/dirty"]).returncode == 1
-    assert testbed.execute(["test", "-d", scratch]).returncode == 0
-    # a restored testbed gets its own identity and the host's time
-    assert testbed.execute(ident).stdout != before
-    guest_time = float(testbed.execute(["date", "+%s.%N"]).stdout)
-    assert abs(guest_time - time.time()) < 10
-
-
-def test_stale_ready_state_is_replaced_by_a_cold_boot(nestbed_image: ImagePaths) -> None:
-    from nestbed.qemu.state import StateStore
-
-    shape = ["--ram-size", "1536"]  # a shape of its own: a state no other test uses
-    logs: list[str] = []
-
-    def open_close() -> None:
-        tb = Client([SERVER, "-d", *shape, str(nestbed_image.directory)], log=logs.append)
-        tb.start()
-        try:
-            tb.open(timeout=400)
-            assert tb.execute(["true"]).returncode == 0
-        finally:
-            tb.quit()
-
-    store = StateStore(nestbed_image.directory)
-    before = set(store.root.iterdir()) if store.root.exists() else set()
-    try:
-        open_close()
-        new = [d for d in store.root.iterdir() if d not in before and not d.name.startswith(".")]
-        assert len(new) == 1
-        state = new[0] / "state.bin"
-        state.chmod(0o644)
-        state.write_bytes(state.read_bytes()[: 1 << 20])  # truncated: cannot be loaded
-        logs.clear()
-        open_close()
-        assert any("unusable" in line for line in logs), logs
-        assert any("ready state saved" in line for line in logs), logs
-        assert (new[0] / "state.bin").stat().st_size > 1 << 20
-    finally:
-        for d in set(store.root.iterdir()) - before:
-            StateStore.discard(d)
-
-
-def test_reboot_keeps_the_scratch_dir(testbed: Client) -> None:
-    before = testbed.execute(["cat", "/proc/sys/kernel/random/boot_id"]).stdout
-    testbed.execute(["sh", "-c", f"echo kept > {testbed.scratch}/mark"])
-    testbed.reboot(timeout=400)
-    assert testbed.execute(["cat", "/proc/sys/kernel/random/boot_id"]).stdout != before
-    assert testbed.execute(["cat", f"{testbed.scratch}/mark"]).stdout == b"kept\n"
-
-
 # ---- the runner: same verdicts as null -------------------------------------------------
 
 CASES = {
@@ -242,14 +132,15 @@ def test_base_image_unchanged_after_writing_everywhere(
     script = (
         "for d in /dev/vd?; do blockdev --setrw $d || true;"
         " dd if=/dev/urandom of=$d bs=1M count=16 seek=1 conv=fsync || true; done\n"
-        "dd if=/dev/urandom of=/dev/vda bs=1M count=4 conv=fsync\n"
-        "sync; echo 3 > /proc/sys/vm/drop_caches\n"
+        "sync\n"
+        "echo o > /proc/sysrq-trigger\n"  # power off: the guest is broken now anyway
+        "sleep 600\n"
     )
     pkg = make_package(tmp_path / "pkg", {"scribble": script})
     rc, _out, err = nestbed(
         "-B", str(pkg), "--", "qemu", str(nestbed_image.directory), str(nestbed_image.disk)
     )
-    assert rc in (0, 4, 16), err[-2000:]
+    assert rc == 16, err[-2000:]  # the testbed powered itself off
     assert sha256(nestbed_image.disk) == before
 
 
@@ -324,8 +215,10 @@ def test_autopkgtest_drives_the_server(nestbed_image: ImagePaths, tmp_path: Path
     fixture = str(FIXTURES / "mixed")
 
     def autopkgtest(*virt: str) -> tuple[int, list[str], str]:
+        # the image has no apt lists: autopkgtest's dependency install needs -U there
+        update = ["-U"] if virt[0] != "null" else []
         proc = subprocess.run(
-            ["autopkgtest", "-B", fixture, "--", *virt],
+            ["autopkgtest", *update, "-B", fixture, "--", *virt],
             capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False,
         )  # fmt: skip
         return proc.returncode, results(proc.stdout), proc.stderr
