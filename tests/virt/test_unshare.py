@@ -1,0 +1,415 @@
+"""nestbed-virt-unshare: the protocol, the container, and whole runs compared with `null`.
+
+Every test here needs the root tarball: built once per run (about a minute, from the
+machine's Debian mirror) into $NESTBED_CACHE_DIR — or the user's cache — and reused, by
+this file's session fixture and by the server itself, which finds the same file.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+
+from nestbed.container.container import INIT
+from nestbed.container.tarball import (
+    ensure_tarball,
+    host_arch,
+    host_release,
+    mmdebstrap_argv,
+    tarball_name,
+)
+from nestbed.image.mirror import image_sources
+from nestbed.image.progress import PlainProgress
+from tests_support import nestbed_argv, write_package
+
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "packages"
+RESULT = re.compile(r"^\S+\s+(PASS|FAIL|SKIP|FLAKY)\b")
+
+
+def _can_run() -> str | None:
+    missing = [p for p in ("unshare", "nsenter", "mmdebstrap") if shutil.which(p) is None]
+    if missing:
+        return f"needs {', '.join(missing)}"
+    if os.geteuid() != 0:
+        user = os.environ.get("USER", "")
+        for path in ("/etc/subuid", "/etc/subgid"):
+            try:
+                text = Path(path).read_text()
+            except OSError:
+                return f"not root and no {path}"
+            if not re.search(rf"^({re.escape(user)}|{os.getuid()}):", text, re.M):
+                return f"not root and no range in {path}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def tarball() -> Path:
+    why = _can_run()
+    if why:
+        pytest.skip(why)
+    return ensure_tarball(host_release(), host_arch(), None, progress=PlainProgress())
+
+
+def server_argv() -> list[str]:
+    beside = Path(sys.executable).parent / "nestbed-virt-unshare"
+    if beside.exists():
+        return [str(beside)]
+    return [sys.executable, "-m", "nestbed.virt.unshare"]
+
+
+def container_pids() -> list[int]:
+    """Processes of any unshare container: its PID 1 runs our init.py."""
+    found = []
+    for path in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(path, "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if str(INIT).encode() in args:
+            found.append(int(path.split("/")[2]))
+    return found
+
+
+def processes_matching(needle: str) -> list[int]:
+    found = []
+    for path in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(path, "rb") as f:
+                text = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if needle in text and "pytest" not in text:
+            found.append(int(path.split("/")[2]))
+    return found
+
+
+def wait_gone(pids: list[int], timeout: float = 10) -> list[int]:
+    deadline = time.monotonic() + timeout
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in alive if os.path.exists(f"/proc/{p}")]
+    return alive
+
+
+# ---- the server over the protocol --------------------------------------------------------
+
+
+class Server:
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [*server_argv(), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        assert self.readline() == "ok"
+
+    def readline(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline().strip()
+
+    def ask(self, line: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self.readline()
+
+    def prefix(self) -> list[str]:
+        words = self.ask("print-execute-command").split()
+        assert words[0] == "ok"
+        return [unquote(w) for w in words[1].split(",")]
+
+    def run(self, script: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.prefix(), "sh", "-c", script],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def quit(self) -> tuple[int, str]:
+        assert self.proc.stdin is not None and self.proc.stderr is not None
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        rc = self.proc.wait(60)
+        return rc, self.proc.stderr.read()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def server(tarball: Path) -> Iterator[Server]:
+    s = Server("--tarball", str(tarball))
+    yield s
+    s.kill()
+
+
+@pytest.mark.network
+def test_capabilities(server: Server) -> None:
+    caps = server.ask("capabilities").split()
+    assert caps[0] == "ok"
+    for cap in (
+        "revert",
+        "revert-full-system",
+        "root-on-testbed",
+        "isolation-container",
+        "suggested-normal-user=unshare",
+    ):
+        assert cap in caps
+
+
+@pytest.mark.network
+def test_exec_keeps_streams_and_status(server: Server) -> None:
+    scratch = server.ask("open").split()
+    assert scratch[0] == "ok" and scratch[1].startswith("/tmp/")
+    r = server.run("cat; echo err >&2; exit 7", stdin="in\n")
+    assert (r.returncode, r.stdout, r.stderr) == (7, "in\n", "err\n")
+    r = server.run("kill -TERM $$")
+    assert r.returncode == -signal.SIGTERM
+    r = server.run(f"test -d {scratch[1]} && stat -c %a {scratch[1]}")
+    assert r.stdout.strip() == "1777"
+
+
+@pytest.mark.network
+def test_container_view(server: Server) -> None:
+    assert server.ask("open").startswith("ok ")
+    r = server.run(
+        "id -u; cat /proc/1/cmdline | tr '\\0' ' '; echo; ls /dev | tr '\\n' ' '; echo; "
+        "stat -f -c %T /tmp; getent passwd unshare | cut -d: -f6; test -d /home/unshare; "
+        "env | sort | tr '\\n' ' '"
+    )
+    assert r.returncode == 0, r.stderr
+    uid, init, dev, tmpfs, home, env = r.stdout.splitlines()
+    assert uid == "0"
+    assert "init.py" in init  # PID 1 of its own PID namespace is ours
+    assert set(dev.split()) >= {"null", "zero", "full", "random", "urandom", "tty", "pts", "shm"}
+    assert tmpfs == "tmpfs"
+    assert home == "/home/unshare"
+    assert "PATH=" in env and "HOME=" not in env  # a clean environment
+    # the host's file systems are not reachable: nothing of the host's /work or cache
+    assert server.run(f"test -e {INIT}").returncode != 0
+
+
+@pytest.mark.network
+def test_revert_discards_writes_and_processes(server: Server) -> None:
+    scratch = server.ask("open").split()[1]
+    r = server.run("echo x > /usr/nestbed-mark; sleep 3131 >/dev/null 2>&1 & echo started")
+    assert r.stdout.strip() == "started"
+    assert processes_matching("sleep 3131")
+    assert server.ask("revert") == f"ok {scratch}"
+    assert not wait_gone(processes_matching("sleep 3131"))
+    r = server.run(f"test -e /usr/nestbed-mark || echo gone; test -d {scratch} && echo scratch")
+    assert r.stdout.split() == ["gone", "scratch"]
+    assert not os.path.exists("/usr/nestbed-mark")
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("how", ["close", "sigterm", "sigkill"])
+def test_no_processes_left(tarball: Path, how: str) -> None:
+    s = Server("--tarball", str(tarball))
+    try:
+        assert s.ask("open").startswith("ok ")
+        s.run("sleep 3132 >/dev/null 2>&1 &")
+        assert processes_matching("sleep 3132")
+        if how == "close":
+            assert s.ask("close") == "ok"
+            rc, err = s.quit()
+            assert rc == 0, err
+        else:
+            os.kill(s.proc.pid, signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+            s.proc.wait(60)
+        assert not wait_gone(processes_matching("sleep 3132"))
+        assert not wait_gone(container_pids())
+    finally:
+        s.kill()
+
+
+@pytest.mark.network
+def test_unpack_mode_removes_its_tree(tarball: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(
+        [*server_argv(), "--tarball", str(tarball), "--unpack"],
+        input="open\nrevert\nprint-execute-command\nclose\nquit\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    answers = proc.stdout.splitlines()
+    assert answers[0] == "ok" and answers[1].startswith("ok /tmp/")
+    assert answers[2] == answers[1]  # revert keeps the scratch path
+    assert "nsenter" in answers[3]
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_tarball_is_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [*server_argv(), "--tarball", str(tmp_path / "nope.tar")],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        f"nestbed-virt-unshare: tarball {tmp_path / 'nope.tar'} does not exist"
+    ]
+
+
+@pytest.mark.network
+def test_not_a_tarball_fails_open_in_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tar"
+    bad.write_text("not a tarball\n")
+    cache = tmp_path / "cache"
+    proc = subprocess.run(
+        [*server_argv(), "--tarball", str(bad)],
+        input="open\n",
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NESTBED_CACHE_DIR": str(cache)},
+        timeout=60,
+    )
+    assert proc.returncode == 12
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nestbed-virt-unshare: failure: cannot unpack")
+    # nothing half-unpacked is kept
+    assert not [p for p in (cache / "tarballs" / "rootfs").iterdir() if p.name[0] != "."]
+
+
+def test_tarball_recipe() -> None:
+    sources = image_sources("bookworm", "http://mirror.invalid/debian")
+    argv = mmdebstrap_argv("bookworm", "amd64", sources, Path("/x/out.tar"))
+    assert "--variant=minbase" in argv and "--skip=cleanup/apt/lists" in argv
+    assert argv[-1] == "deb http://mirror.invalid/debian bookworm main"
+    name = tarball_name("bookworm", "amd64", sources)
+    assert re.fullmatch(r"bookworm-amd64-minbase-[0-9a-f]{12}\.tar", name)
+    other = image_sources("bookworm", "http://other.invalid/debian")
+    assert tarball_name("bookworm", "amd64", other) != name
+
+
+# ---- whole runs ----------------------------------------------------------------------------
+
+
+def run_nestbed(*args: str, timeout: float = 300) -> tuple[int, list[str], str]:
+    proc = subprocess.run([*nestbed_argv(), *args], capture_output=True, text=True, timeout=timeout)
+    results = [line for line in proc.stdout.splitlines() if RESULT.match(line)]
+    return proc.returncode, results, proc.stderr
+
+
+@pytest.mark.network
+@pytest.mark.parametrize(
+    ("fixture", "options"),
+    [
+        ("mixed", []),
+        ("timeout", ["--timeout-test=3"]),
+        ("environment", ["--env", "FOO=bar"]),
+        ("unsatisfiable", []),
+    ],
+)
+def test_fixture_verdicts_match_null(tarball: Path, fixture: str, options: list[str]) -> None:
+    tree = f"{FIXTURES / fixture}/"
+    null = run_nestbed("-B", *options, tree, "--", "null")
+    unshare = run_nestbed("-B", *options, tree, "--", "unshare")
+    assert null[1], "no result lines at all"
+    # the one deliberate difference: a breaks-testbed test is skipped on null (it cannot
+    # revert) and runs in the container, where this one fails as it is written to
+    capability_skip = 'breaks-testbed       SKIP Test restriction "breaks-testbed" requires'
+    null_results = [line for line in null[1] if not line.startswith(capability_skip)]
+    if len(null_results) != len(null[1]):
+        assert "breaks-testbed       FAIL non-zero exit status 1" in unshare[1]
+        null_results.append("breaks-testbed       FAIL non-zero exit status 1")
+    assert (unshare[0], sorted(unshare[1])) == (null[0], sorted(null_results)), unshare[2][-3000:]
+
+
+@pytest.mark.network
+def test_installing_and_writing_usr_leaves_host_untouched(tarball: Path, tmp_path: Path) -> None:
+    canary = "/usr/share/nestbed-unshare-canary"
+    assert not os.path.exists(canary)
+
+    def hello_state() -> str:
+        r = subprocess.run(["dpkg-query", "-W", "-f=${Status} ${Version}", "hello"],
+                           capture_output=True, text=True)  # fmt: skip
+        return f"{r.returncode} {r.stdout}"
+
+    before = hello_state()
+    tree = write_package(
+        tmp_path / "pkg",
+        {"writes-usr": f"#!/bin/sh\nset -e\necho x > {canary}\nhello\ndpkg -s hello >/dev/null\n"},
+        "Tests: writes-usr\nDepends: hello\nRestrictions: needs-root\n",
+    )
+    rc, results, err = run_nestbed("-B", str(tree), "--", "unshare")
+    assert (rc, results) == (0, ["writes-usr           PASS"]), err[-3000:]
+    assert not os.path.exists(canary)
+    assert hello_state() == before
+
+
+@pytest.mark.network
+def test_breaks_testbed_is_reverted(tarball: Path, tmp_path: Path) -> None:
+    mark = "/usr/share/nestbed-revert-mark"
+    tree = write_package(
+        tmp_path / "pkg",
+        {
+            "breaker": f"#!/bin/sh\necho x > {mark}\n",
+            "checker": f"#!/bin/sh\nif [ -e {mark} ]; then echo still there >&2; exit 1; fi\n",
+        },
+        "Tests: breaker\nDepends:\nRestrictions: breaks-testbed, needs-root\n\n"
+        "Tests: checker\nDepends:\nRestrictions: needs-root\n",
+    )
+    rc, results, err = run_nestbed("-B", str(tree), "--", "unshare")
+    assert (rc, results) == (0, ["breaker              PASS", "checker              PASS"]), err
+    # and without revert the mark would have been seen: the same run on one container
+    assert not os.path.exists(mark)
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_runner_signal_leaves_nothing(tarball: Path, tmp_path: Path, signum: int) -> None:
+    tree = write_package(
+        tmp_path / "pkg",
+        {"sleeper": "#!/bin/sh\n(sleep 3133 >/dev/null 2>&1 &)\nexec sleep 3134\n"},
+        "Tests: sleeper\nDepends:\n",
+    )
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    runner = subprocess.Popen(
+        [*nestbed_argv(), "-B", str(tree), "--", "unshare"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(tmpdir)},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not processes_matching("sleep 3134"):
+            assert runner.poll() is None, runner.communicate()
+            assert time.monotonic() < deadline, "the test never started"
+            time.sleep(0.1)
+        assert processes_matching("sleep 3133")
+        runner.send_signal(signum)
+        runner.communicate(timeout=60)
+        assert not wait_gone(processes_matching("sleep 313"))
+        assert not wait_gone(container_pids())
+        assert os.listdir(tmpdir) == []
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
