@@ -230,3 +230,35 @@ def test_autopkgtest_drives_the_server(nestbed_image: ImagePaths, tmp_path: Path
     got = [r for r in got if not r.startswith("breaks-testbed ")]
     assert got == expected, err[-3000:]
     assert rc == null_rc
+
+
+@pytest.mark.autopkgtest
+def test_autopkgtest_reboot_marks(nestbed_image: ImagePaths, tmp_path: Path) -> None:
+    """needs-reboot through autopkgtest's runner: each mark re-runs the test once, after a
+    real reboot, with the tree and the artifacts kept."""
+    if shutil.which("autopkgtest") is None:
+        pytest.skip("autopkgtest is not installed")
+    script = (
+        "set -e\n"
+        "boot=$(cat /proc/sys/kernel/random/boot_id)\n"
+        'echo "run ${AUTOPKGTEST_REBOOT_MARK:-start}" >> "$AUTOPKGTEST_ARTIFACTS/runs"\n'
+        'case "${AUTOPKGTEST_REBOOT_MARK:-}" in\n'
+        '  "") echo "$boot" > "$AUTOPKGTEST_ARTIFACTS/boot0"; /tmp/autopkgtest-reboot m1 ;;\n'
+        '  m1) test "$boot" != "$(cat "$AUTOPKGTEST_ARTIFACTS/boot0")";'
+        " /tmp/autopkgtest-reboot m2 ;;\n"
+        "  m2) echo done ;;\n"
+        "esac\n"
+    )
+    pkg = make_package(tmp_path / "pkg", {"reboots": script})
+    control = pkg / "debian" / "tests" / "control"
+    control.write_text(control.read_text().replace("allow-stderr", "allow-stderr, needs-reboot"))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["autopkgtest", "-U", "-o", str(out), "-B", str(pkg), "--", SERVER,
+         str(nestbed_image.directory)],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False,
+    )  # fmt: skip
+    assert "reboots PASS" in results(proc.stdout), proc.stderr[-3000:]
+    assert proc.returncode == 0
+    runs = (out / "artifacts" / "runs").read_text().split("\n")
+    assert runs == ["run start", "run m1", "run m2", ""]
