@@ -37,7 +37,7 @@ from typing import BinaryIO, ClassVar, NoReturn
 
 from nestbed.errors import NestbedError
 from nestbed.guest.agent import T
-from nestbed.guest.channel import _safe_extract
+from nestbed.guest.channel import ChannelError, _safe_extract
 from nestbed.image.cache import ImagePaths
 from nestbed.qemu import accel as accel_mod
 from nestbed.qemu.execclient import StreamError, connect, stream
@@ -166,31 +166,35 @@ class QemuServer(VirtServer):
 
     # ---- life cycle ----------------------------------------------------------------------
     def open_testbed(self, scratch: str | None) -> str:
-        self._boot()
-        made = self.make_scratch(scratch)
+        made = self._boot(scratch)
         self.debug(f"scratch dir {made}")
         return made
 
-    def _boot(self) -> None:
-        """Ready the testbed: restore the saved ready state when there is a good one, else
-        boot cold and save one for next time."""
+    def _boot(self, scratch: str | None) -> str:
+        """Ready the testbed and make (or remake) the scratch dir: restore the saved ready
+        state when there is a good one, else boot cold and save one for next time."""
         started = time.monotonic()
         state = None if self.args.cold_boot else self.states.lookup(self.state_key)
         if state is not None:
             try:
                 self._launch(state)
-                self._refresh_identity()
+                made = self._refresh(scratch)
                 self.debug(f"testbed restored in {time.monotonic() - started:.2f} s")
-                return
+                return made
             except ServerFailure as e:
                 self.warn(f"the saved ready state is unusable ({e}); booting cold to replace it")
                 self.close_testbed()
                 self.states.remove(self.state_key)
-        self._launch(None)
-        self._wait_system_running()
+        self._boot_cold()
         self.debug(f"testbed booted in {time.monotonic() - started:.1f} s")
         if not self.args.cold_boot:
-            self._save_ready_state()
+            return self._save_ready_state(scratch)
+        return self.make_scratch(scratch)
+
+    def _boot_cold(self) -> None:
+        self._launch(None)
+        self._start_mux()
+        self._wait_system_running()
 
     def _launch(self, state: ReadyState | None) -> None:
         overlay_dir = Path(self.args.overlay_dir) if self.args.overlay_dir else None
@@ -219,6 +223,11 @@ class QemuServer(VirtServer):
             if shower is not None:
                 shower.stop()
         self.boot_id = str(machine.channel.info.get("boot_id", ""))
+
+    def _start_mux(self) -> None:
+        """From here on every command goes through the exec helpers and the multiplexer."""
+        machine = self.machine
+        assert machine is not None
         with self.critical():
             self.mux = Mux(
                 machine.channel.sock,
@@ -229,7 +238,7 @@ class QemuServer(VirtServer):
             )
             self.mux.start()
 
-    def _save_ready_state(self) -> None:
+    def _save_ready_state(self, scratch: str | None) -> str:
         """Freeze the freshly booted machine into a ready state, then continue from it (a
         restored testbed, like every later one), so the first run tests what later runs get."""
         machine, mux = self.machine, self.mux
@@ -239,7 +248,7 @@ class QemuServer(VirtServer):
             staging = self.states.staging()
         except OSError as e:
             self.warn(f"cannot save the ready state (continuing without): {e}")
-            return
+            return self.make_scratch(scratch)
         try:
             # nothing may write the disk between the memory snapshot and the copy
             self.execute(["sync"], timeout=60)
@@ -253,21 +262,23 @@ class QemuServer(VirtServer):
             self.states.discard(staging)
             self.warn(f"cannot save the ready state ({e}); booting cold")
             self.close_testbed()
-            self._launch(None)
-            self._wait_system_running()
-            return
+            self._boot_cold()
+            return self.make_scratch(scratch)
         self.debug(f"ready state saved in {time.monotonic() - started:.1f} s: {state}")
         self.close_testbed()
         if state is None:
-            self._launch(None)
-            self._wait_system_running()
-            return
+            self._boot_cold()
+            return self.make_scratch(scratch)
         self._launch(state)
-        self._refresh_identity()
+        return self._refresh(scratch)
 
-    def _refresh_identity(self) -> None:
-        """What a restore leaves stale: the clock, the entropy pool, the machine's identity
-        (every restored testbed would otherwise share them)."""
+    def _refresh(self, scratch: str | None) -> str:
+        """After a restore, before anything else runs: fix what the restore left stale --
+        the clock, the entropy pool, the machine's identity (every restored testbed would
+        otherwise share them) -- and make the scratch dir; one round trip on the channel,
+        before the multiplexer takes it over. Returns the scratch dir."""
+        machine = self.machine
+        assert machine is not None
         machine_id = secrets.token_hex(16)
         script = (
             'date -u -s "@$1" >/dev/null; head -c 512 > /dev/urandom;'
@@ -276,16 +287,22 @@ class QemuServer(VirtServer):
             ' hostname "$name";'
             ' if grep -q "^127.0.1.1" /etc/hosts; then'
             '  sed -i "s/^127\\.0\\.1\\.1.*/127.0.1.1 $name/" /etc/hosts;'
-            ' else echo "127.0.1.1 $name" >> /etc/hosts; fi'
+            ' else echo "127.0.1.1 $name" >> /etc/hosts; fi;'
+            ' if [ -n "$3" ]; then d="$3"; mkdir --mode=1777 --parents -- "$d";'
+            " else d=$(mktemp --directory --tmpdir nestbed.XXXXXX); fi;"
+            ' chmod 1777 -- "$d"; echo "$d"'
         )
-        res = self.execute(
-            ["sh", "-ec", script, "sh", f"{time.time():.6f}", machine_id],
-            stdin=os.urandom(512),
-            timeout=60,
-        )
-        if res.returncode != 0:
+        argv = ["sh", "-ec", script, "sh", f"{time.time():.6f}", machine_id, scratch or ""]
+        try:
+            res = machine.channel.exec(argv, stdin=os.urandom(512), timeout=60)
+        except ChannelError as e:
+            raise ServerFailure(self._explain(f"cannot refresh the restored guest: {e}")) from None
+        lines = res.stdout.decode("utf-8", "surrogateescape").splitlines()
+        if res.returncode != 0 or not lines:
             err = res.stderr.decode(errors="replace").strip()
             raise ServerFailure(self._explain(f"cannot refresh the restored guest: {err}"))
+        self._start_mux()
+        return lines[-1]
 
     def _wait_system_running(self) -> None:
         # the agent answers early in the boot; tests expect a booted system
