@@ -1,0 +1,41 @@
+"""nestbed-virt-qemu's command line: bad input is one clear line, no traceback (no VM)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SERVER = str(Path(sys.executable).parent / "nestbed-virt-qemu")
+
+
+def server(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [SERVER, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_not_an_image(tmp_path: Path) -> None:
+    res = server(str(tmp_path))
+    assert res.returncode != 0
+    assert "not a complete nestbed image" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_bad_options(tmp_path: Path) -> None:
+    assert server("--accel", "hvf", str(tmp_path)).returncode == 2
+    res = server("--overlay-dir", str(tmp_path / "missing"), str(tmp_path))
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+
+
+def test_help_lists_the_options() -> None:
+    out = server("--help").stdout
+    options = "--cpus --ram-size --accel --qemu-cpu --qemu-command --qemu-options"
+    for option in (*options.split(), "--timeout-reboot", "--show-boot", "--overlay-dir"):
+        assert option in out
