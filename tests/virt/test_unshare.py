@@ -413,3 +413,24 @@ def test_runner_signal_leaves_nothing(tarball: Path, tmp_path: Path, signum: int
         if runner.poll() is None:
             runner.kill()
             runner.wait()
+
+
+@pytest.mark.network
+def test_userns_mode_maps_ids_and_installs(tarball: Path, tmp_path: Path) -> None:
+    """--userns (always so when not root): ids mapped through /etc/subuid, apt still works."""
+    if os.geteuid() == 0 and not re.search(r"^root:", Path("/etc/subuid").read_text(), re.M):
+        pytest.skip("no range for root in /etc/subuid")
+    s = Server("--tarball", str(tarball), "--userns")
+    try:
+        assert s.ask("open").startswith("ok ")
+        r = s.run("cat /proc/self/uid_map; id -u")
+        rows = [line.split() for line in r.stdout.splitlines()]
+        assert rows[0] == ["0", str(os.geteuid()), "1"]
+        assert rows[1][0] == "1" and rows[1][1] != "1"  # the rest comes from subuid
+        assert rows[-1] == ["0"]
+        r = s.run("apt-get install -q -y --no-install-recommends hello >/dev/null && hello")
+        assert (r.returncode, r.stdout) == (0, "Hello, world!\n"), r.stderr
+        assert s.ask("close") == "ok"
+    finally:
+        s.kill()
+    assert not wait_gone(container_pids())

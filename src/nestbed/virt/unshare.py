@@ -43,11 +43,14 @@ class UnshareServer(VirtServer):
         missing = [p for p in REQUIRED if shutil.which(p) is None]
         if missing:
             raise ServerFailure(f"{', '.join(missing)} not found (install util-linux, tar)")
-        self.userns = os.geteuid() != 0
+        # root needs no id mapping (but may ask for one); anyone else maps through subuid
+        self.userns = os.geteuid() != 0 or bool(args.userns)
         if self.userns and not _has_subid_range():
+            who = "root" if os.geteuid() == 0 else "not root and"
             raise ServerFailure(
-                f"not root and no range for {_user()} in /etc/subuid and /etc/subgid: "
-                "add one (see usermod --add-subuids) or run as root"
+                f"{who} no range for {_user()} in /etc/subuid and /etc/subgid: "
+                "add one (usermod --add-subuids/--add-subgids)"
+                + ("" if os.geteuid() == 0 else " or run as root")
             )
         self.tarball: Path | None = None
         if args.tarball is not None:
@@ -68,6 +71,12 @@ class UnshareServer(VirtServer):
         )
         parser.add_argument(
             "-t", "--tarball", help="root tarball to use (default: build one and cache it)"
+        )
+        parser.add_argument(
+            "--userns",
+            action="store_true",
+            help="as root too, map ids through /etc/subuid and /etc/subgid (the container's "
+            "root is then not the host's root; always so when not run as root)",
         )
         parser.add_argument(
             "--unpack",
