@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from nestbed.qemu.execclient import helper_argv
 from nestbed.qemu.mux import Mux
 
 
@@ -33,7 +34,7 @@ class Rig:
         return proc.returncode, proc.stdout, proc.stderr
 
     def prefix(self) -> list[str]:
-        return [sys.executable, "-P", "-m", "nestbed.qemu.execclient", str(self.sock)]
+        return helper_argv(str(self.sock))
 
 
 @pytest.fixture

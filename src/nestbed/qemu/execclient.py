@@ -1,6 +1,6 @@
 """The QEMU testbed's exec prefix: run one command in the guest, as if it ran here.
 
-    python3 -P -m nestbed.qemu.execclient SOCKET COMMAND [ARG...]
+    python3 -S -P -c 'import ...execclient; main()' SOCKET COMMAND [ARG...]   (helper_argv())
 
 connects to the virt server's multiplexer socket (`nestbed.qemu.mux`), starts COMMAND in the
 guest (as root, with the agent's default environment) and relays this process' stdin,
@@ -178,6 +178,17 @@ def _writer(fd: int) -> Writer:
             broken = True  # the reader went away: drop the rest, as ssh does
 
     return write
+
+
+def helper_argv(socket_path: str) -> list[str]:
+    """The exec prefix: this module run by this Python, without site (-S: no .pth files,
+    about 0.1 s less per command) and without the caller's directory on sys.path (-P)."""
+    source_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (
+        f"import sys; sys.path.insert(0, {source_root!r}); "
+        "from nestbed.qemu.execclient import main; sys.exit(main())"
+    )
+    return [sys.executable, "-S", "-P", "-c", code, socket_path]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ from nestbed.guest.agent import T
 from nestbed.guest.channel import ChannelError, _safe_extract
 from nestbed.image.cache import ImagePaths
 from nestbed.qemu import accel as accel_mod
-from nestbed.qemu.execclient import StreamError, connect, stream
+from nestbed.qemu.execclient import StreamError, connect, helper_argv, stream
 from nestbed.qemu.machine import Drive, Machine, MachineConfig, MachineError
 from nestbed.qemu.mux import Mux, MuxDead
 from nestbed.qemu.state import ReadyState, StateStore, state_key
@@ -155,7 +155,7 @@ class QemuServer(VirtServer):
 
     def exec_prefix(self) -> list[str]:
         mux = self._mux()
-        return [sys.executable, "-P", "-m", "nestbed.qemu.execclient", os.fspath(mux.listen_path)]
+        return helper_argv(os.fspath(mux.listen_path))
 
     def _mux(self) -> Mux:
         if self.mux is None:
