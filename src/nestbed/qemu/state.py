@@ -97,8 +97,13 @@ class StateStore:
         return state
 
     def staging(self) -> Path:
-        """A fresh directory to save a state into (then `commit` or `discard` it)."""
+        """A fresh directory to save a state into (then `commit` or `discard` it). Staging
+        directories of saves that died (SIGKILL) are removed once they are an hour old."""
         self.root.mkdir(parents=True, exist_ok=True)
+        for old in self.root.glob(".save-*"):
+            with contextlib.suppress(OSError):
+                if time.time() - old.stat().st_mtime > 3600:
+                    self.discard(old)
         return Path(tempfile.mkdtemp(prefix=".save-", dir=self.root))
 
     def commit(self, staging: Path, key: str, facts: dict[str, object]) -> ReadyState | None:

@@ -258,8 +258,10 @@ class QemuServer(VirtServer):
             shutil.copyfile(machine.overlay, staging / "disk.qcow2")
             facts: dict[str, object] = {"image": str(self.image.directory), "shape": self.shape}
             state = self.states.commit(staging, self.state_key, facts)
-        except (OSError, MachineError) as e:
+        except BaseException as e:  # a signal too: no half-saved state left in the cache
             self.states.discard(staging)
+            if not isinstance(e, OSError | MachineError):
+                raise
             self.warn(f"cannot save the ready state ({e}); booting cold")
             self.close_testbed()
             self._boot_cold()
