@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import ClassVar, NoReturn
 
 from nestbed.container import rootfs
-from nestbed.container.container import Container, ContainerConfig
+from nestbed.container.container import Container, ContainerConfig, ContainerError
 from nestbed.container.tarball import ensure_tarball, host_arch, host_release
 from nestbed.errors import NestbedError
 from nestbed.image.progress import PlainProgress
@@ -61,6 +61,7 @@ class UnshareServer(VirtServer):
         self.arch: str = args.arch or host_arch()
         self.container: Container | None = None
         self.private: Path | None = None  # direct mode: the unpacked tree we remove
+        self.unpack: bool = bool(args.unpack)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -107,18 +108,26 @@ class UnshareServer(VirtServer):
     def _start(self) -> None:
         try:
             tarball = self._tarball()
-            if self.args.unpack:
-                with self.critical():
-                    self.private = rootfs.private_root(tarball, NORMAL_USER, self.userns)
-                config = ContainerConfig(self.private, False, self.private, self.userns)
-            else:
+            if not self.unpack:
                 tree = rootfs.shared_root(tarball, NORMAL_USER, self.userns)
                 config = ContainerConfig(tree, True, rootfs.mountpoint(), self.userns)
+                try:
+                    self._run(config)
+                    return
+                except ContainerError as e:
+                    # e.g. a cache on a file system overlayfs cannot use as its lower dir
+                    self.warn(f"overlay container failed, unpacking instead from now on: {e}")
+                    self.unpack = True
             with self.critical():
-                self.container = Container(config)
-                self.container.start()
+                self.private = rootfs.private_root(tarball, NORMAL_USER, self.userns)
+            self._run(ContainerConfig(self.private, False, self.private, self.userns))
         except NestbedError as e:
             raise ServerFailure(str(e)) from None
+
+    def _run(self, config: ContainerConfig) -> None:
+        with self.critical():
+            self.container = Container(config)
+            self.container.start()
         self.debug(f"container PID 1 is {self.container.pid}")
 
     def _stop(self) -> None:
