@@ -130,3 +130,8 @@ def test_console_panic_kills_the_channel(rig: Rig, tmp_path: Path) -> None:
         time.sleep(0.05)
     assert "panicked" in rig.mux.dead
     assert rig.helper("true")[0] == 255
+
+
+def test_exec_prefix_has_no_commas() -> None:
+    """autopkgtest splits the print-execute-command word on ',' after unquoting it."""
+    assert not any("," in a for a in helper_argv("/tmp/x/exec.sock"))
