@@ -210,6 +210,14 @@ def test_container_view(server: Server) -> None:
 
 
 @pytest.mark.network
+def test_test_cannot_kill_pid_1(server: Server) -> None:
+    assert server.ask("open").startswith("ok ")
+    r = server.run("kill -TERM 1; kill -HUP 1; kill -INT 1; sleep 0.3; echo alive")
+    assert r.stdout == "alive\n"
+    assert server.run("true").returncode == 0
+
+
+@pytest.mark.network
 def test_revert_discards_writes_and_processes(server: Server) -> None:
     scratch = server.ask("open").split()[1]
     r = server.run("echo x > /usr/nestbed-mark; sleep 3131 >/dev/null 2>&1 & echo started")
