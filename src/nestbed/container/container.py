@@ -41,6 +41,13 @@ class ContainerError(NestbedError):
     exit_code = EXIT_TESTBED_FAILURE
 
 
+class OverlayUnavailable(ContainerError):
+    """The overlay on the pristine tree cannot be mounted (direct mode may still work)."""
+
+
+OVERLAY_FAILED = 3  # init.py's exit status for that
+
+
 @dataclass(frozen=True)
 class ContainerConfig:
     rootdir: Path  # overlay: the pristine lower tree; direct: the private writable root
@@ -95,11 +102,13 @@ class Container:
                 self.stop()
                 raise
             if line is None:
+                status = self._proc.wait(timeout) if self._proc is not None else None
                 self.stop()
                 errors.seek(0)
                 text = errors.read().decode("utf-8", "replace").strip().splitlines()
                 why = text[-1] if text else "no message"
-                raise ContainerError(f"cannot start the container ({cmdline(argv)}): {why}")
+                error = OverlayUnavailable if status == OVERLAY_FAILED else ContainerError
+                raise error(f"cannot start the container ({cmdline(argv)}): {why}")
         words = line.split()
         self.pid = int(words[1])
         try:

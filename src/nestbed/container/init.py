@@ -12,11 +12,12 @@ exists only in the container's mount namespace: when the last process of the con
 is gone, so is every write a test made, with nothing left on the host's disk.
 ``direct``: ROOTDIR is a private writable tree, used as the root itself.
 
-Protocol with the starter: one line ``ready HOSTPID`` on stdout once the root is set up (the
-host PID is what ``nsenter --target`` needs); on failure the setup's messages on stderr and
-a non-zero exit. After that stdout and stderr are /dev/null: nothing holds the starter's
-pipes. SIGKILL of this process (from the starter, or unshare's --kill-child when the starter
-dies) ends every process of the container: it is the PID namespace's init.
+Protocol with the starter: one line ``ready HOSTPID`` on stdout once the root is set up
+(the host PID is what ``nsenter --target`` needs); on failure the setup's messages on
+stderr and a non-zero exit, 3 when it is the overlay that cannot be mounted. After that
+stdout and stderr are /dev/null: nothing holds the starter's pipes. SIGKILL of this process
+(from the starter, or unshare's --kill-child when the starter dies) ends every process of
+the container: it is the PID namespace's init.
 """
 
 import os
@@ -26,6 +27,7 @@ import sys
 
 SETUP = r"""
 set -eu
+PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH  # pivot_root, for users without sbin in PATH
 mode=$1 rootdir=$2 mnt=$3
 case "$mode" in
 (overlay*)
@@ -34,7 +36,7 @@ case "$mode" in
     mount -t tmpfs -o mode=0755 nestbed-unshare "$mnt"
     mkdir "$mnt/upper" "$mnt/work" "$mnt/root"
     mount -t overlay -o "lowerdir=$rootdir,upperdir=$mnt/upper,workdir=$mnt/work$opts" \
-        nestbed-unshare "$mnt/root"
+        nestbed-unshare "$mnt/root" || exit 3  # the starter may fall back to direct mode
     root=$mnt/root
     ;;
 (direct)
@@ -75,6 +77,8 @@ umount -l .
 # Only SIGCHLD is taken. A PID namespace's init gets no signal it has no handler for, so a
 # test's `kill 1` does nothing; SIGKILL from outside (the starter) still ends it.
 _HANDLED = (signal.SIGCHLD,)
+# exit status when the overlay cannot be mounted (the file system of ROOTDIR, an old kernel)
+OVERLAY_FAILED = 3
 
 
 def main() -> int:
@@ -94,7 +98,7 @@ def main() -> int:
     if setup.returncode != 0:
         sys.stderr.write(setup.stderr.decode("utf-8", "replace"))
         sys.stderr.flush()
-        return 1
+        return OVERLAY_FAILED if setup.returncode == OVERLAY_FAILED else 1
     os.chdir("/")
     # SIGCHLD is taken synchronously: none is lost between a reap and the next wait
     signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)

@@ -43,6 +43,7 @@ def unpack(tarball: Path, dest: Path, user: str, userns: bool) -> None:
     """Extract tarball into the existing empty dir dest (without /dev: the container
     mounts its own), and add the normal user unless the tree has it already."""
     script = (
+        'PATH="/usr/sbin:/usr/bin:/sbin:/bin:$PATH"\n'  # useradd, for users without sbin
         'tar --exclude=./dev --directory "$1" --extract --file "$2"\n'
         'mkdir -p "$1/dev"\n'
         'if ! grep -q "^$3:" "$1/etc/passwd"; then\n'

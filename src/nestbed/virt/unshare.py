@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import ClassVar, NoReturn
 
 from nestbed.container import rootfs
-from nestbed.container.container import Container, ContainerConfig, ContainerError
+from nestbed.container.container import Container, ContainerConfig, OverlayUnavailable
 from nestbed.container.tarball import ensure_tarball, host_arch, host_release
 from nestbed.errors import NestbedError
 from nestbed.image.progress import PlainProgress
@@ -114,7 +114,7 @@ class UnshareServer(VirtServer):
                 try:
                     self._run(config)
                     return
-                except ContainerError as e:
+                except OverlayUnavailable as e:
                     # e.g. a cache on a file system overlayfs cannot use as its lower dir
                     self.warn(f"overlay container failed, unpacking instead from now on: {e}")
                     self.unpack = True
