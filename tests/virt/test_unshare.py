@@ -442,3 +442,26 @@ def test_userns_mode_maps_ids_and_installs(tarball: Path, tmp_path: Path) -> Non
     finally:
         s.kill()
     assert not wait_gone(container_pids())
+
+
+@pytest.mark.network
+def test_overlay_failure_falls_back_to_unpack(tarball: Path, tmp_path: Path) -> None:
+    """A cache path overlayfs cannot take as lowerdir (a comma in it): the server says so
+    once and unpacks into a temp dir instead, which it removes on close."""
+    cache = tmp_path / "cache,odd"
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = {**os.environ, "NESTBED_CACHE_DIR": str(cache), "TMPDIR": str(tmpdir)}
+    proc = subprocess.run(
+        [*server_argv(), "--tarball", str(tarball)],
+        input="open\nrevert\nclose\nquit\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert next(line for line in proc.stdout.splitlines() if line != "ok").startswith("ok /tmp/")
+    warnings = proc.stderr.strip().splitlines()
+    assert len(warnings) == 1 and "unpacking instead" in warnings[0], warnings
+    assert os.listdir(tmpdir) == []
