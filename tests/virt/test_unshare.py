@@ -308,7 +308,10 @@ def test_tarball_recipe() -> None:
     sources = image_sources("bookworm", "http://mirror.invalid/debian")
     argv = mmdebstrap_argv("bookworm", "amd64", sources, Path("/x/out.tar"))
     assert "--variant=minbase" in argv and "--skip=cleanup/apt/lists" in argv
-    assert argv[-1] == "deb http://mirror.invalid/debian bookworm main"
+    assert argv[-2:] == [
+        "deb http://mirror.invalid/debian bookworm main",
+        "deb-src http://mirror.invalid/debian bookworm main",
+    ]
     name = tarball_name("bookworm", "amd64", sources)
     assert re.fullmatch(r"bookworm-amd64-minbase-[0-9a-f]{12}\.tar", name)
     other = image_sources("bookworm", "http://other.invalid/debian")

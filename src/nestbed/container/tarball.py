@@ -2,8 +2,9 @@
 
 `ensure_tarball(release, arch, mirror)` returns a complete tarball, building it on first use:
 mmdebstrap ``--variant=minbase`` from the machine's apt sources (`nestbed.image.mirror`) or
-one ``--mirror``, keeping the apt lists (mmdebstrap removes them by default) so a test's
-dependencies can be installed without an ``apt-get update`` first. The tarball is a plain
+one ``--mirror``, with ``deb-src`` twins of the ``deb`` entries, keeping the apt lists
+(mmdebstrap removes them by default) so a test's dependencies can be installed, and a
+source package fetched by name, without an ``apt-get update`` first. The tarball is a plain
 sbuild/autopkgtest-style root tarball: nothing nestbed-specific is inside, so
 autopkgtest-virt-unshare can use the same file.
 
@@ -30,7 +31,7 @@ from nestbed.image.progress import PlainProgress, Progress
 
 VARIANT = "minbase"
 # bumped when what goes into the tarball changes, so old cached ones are not used
-RECIPE = "1"
+RECIPE = "2"
 EATMYDATA_HOOKS = Path("/usr/share/mmdebstrap/hooks/eatmydata")
 
 
@@ -59,9 +60,16 @@ def host_release() -> str:
         return "stable"
 
 
+def source_lines(sources: list[AptSource]) -> list[str]:
+    """The tarball's apt sources: each `deb` line and its `deb-src` twin, so a source
+    package can be fetched by name (`apt-get source`) without touching the sources first."""
+    lines = [line for s in sources for line in s.lines()]
+    return lines + ["deb-src" + line[len("deb") :] for line in lines]
+
+
 def tarball_name(release: str, arch: str, sources: list[AptSource]) -> str:
     digest = hashlib.sha256()
-    for line in [RECIPE, VARIANT, *(line for s in sources for line in s.lines())]:
+    for line in [RECIPE, VARIANT, *source_lines(sources)]:
         digest.update(line.encode() + b"\n")
     return f"{release}-{arch}-{VARIANT}-{digest.hexdigest()[:12]}.tar"
 
@@ -81,7 +89,7 @@ def mmdebstrap_argv(release: str, arch: str, sources: list[AptSource], out: Path
     if EATMYDATA_HOOKS.is_dir():
         argv.append(f"--hook-dir={EATMYDATA_HOOKS}")
     argv += [release, str(out)]
-    argv += [line for s in sources for line in s.lines()]
+    argv += source_lines(sources)
     if not rootless:
         # mounts mmdebstrap makes and processes it starts end with this namespace
         argv = ["unshare", "--mount", "--pid", "--fork", "--kill-child", *argv]
