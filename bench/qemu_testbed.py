@@ -97,10 +97,14 @@ def main() -> int:
             f"{statistics.median(values):6.2f} s  (runs: {', '.join(f'{v:.2f}' for v in values)})"
         )
 
-    raws = [raw_boot(image) for _ in range(args.runs)]
+    # interleaved, so a change in the machine's load hits both alike
+    raws: list[tuple[float, float]] = []
+    colds: list[float] = []
+    for _ in range(args.runs):
+        raws.append(raw_boot(image))
+        colds.append(ready(image, "--cold-boot")["ready"])
     print(f"raw boot to agent        {med([r[0] for r in raws])}", flush=True)
     print(f"raw boot to booted       {med([r[1] for r in raws])}", flush=True)
-    colds = [ready(image, "--cold-boot")["ready"] for _ in range(args.runs)]
     print(f"cold ready               {med(colds)}", flush=True)
     ratio = statistics.median(colds) / statistics.median([r[1] for r in raws])
     print(f"  ratio cold ready / raw boot to booted: {ratio:.2f}", flush=True)
