@@ -468,3 +468,22 @@ def test_overlay_failure_falls_back_to_unpack(tarball: Path, tmp_path: Path) -> 
     warnings = proc.stderr.strip().splitlines()
     assert len(warnings) == 1 and "unpacking instead" in warnings[0], warnings
     assert os.listdir(tmpdir) == []
+
+
+@pytest.mark.network
+@pytest.mark.autopkgtest
+def test_autopkgtest_runner_drives_our_server(tarball: Path) -> None:
+    """autopkgtest 5.28's own runner with nestbed-virt-unshare: the verdicts nestbed gives."""
+    autopkgtest = shutil.which("autopkgtest")
+    if autopkgtest is None or len(server_argv()) != 1:
+        pytest.skip("needs autopkgtest and an installed nestbed-virt-unshare")
+    tree = f"{FIXTURES / 'mixed'}/"
+    theirs = subprocess.run(
+        [autopkgtest, "-B", tree, "--", server_argv()[0]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    ours = run_nestbed("-B", tree, "--", "unshare")
+    results = [line for line in theirs.stdout.splitlines() if RESULT.match(line)]
+    assert (theirs.returncode, results) == ours[:2], theirs.stderr[-3000:]
