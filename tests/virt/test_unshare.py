@@ -29,6 +29,7 @@ from nestbed.container.tarball import (
     mmdebstrap_argv,
     tarball_name,
 )
+from nestbed.image.errors import ImageError
 from nestbed.image.mirror import image_sources
 from nestbed.image.progress import PlainProgress
 from tests_support import nestbed_argv, write_package
@@ -316,6 +317,17 @@ def test_tarball_recipe() -> None:
     assert re.fullmatch(r"bookworm-amd64-minbase-[0-9a-f]{12}\.tar", name)
     other = image_sources("bookworm", "http://other.invalid/debian")
     assert tarball_name("bookworm", "amd64", other) != name
+
+
+@pytest.mark.network
+def test_failed_tarball_build_leaves_nothing(tarball: Path, tmp_path: Path) -> None:
+    """A release the mirror does not have: one line from mmdebstrap, no staging dir left."""
+    mirror = image_sources(host_release(), None)[0].uri
+    with pytest.raises(ImageError, match=r"^mmdebstrap failed: E: .*nosuchrelease"):
+        ensure_tarball(
+            "nosuchrelease", host_arch(), mirror, root=tmp_path, progress=PlainProgress()
+        )
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
 
 
 # ---- whole runs ----------------------------------------------------------------------------
