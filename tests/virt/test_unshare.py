@@ -499,3 +499,18 @@ def test_autopkgtest_runner_drives_our_server(tarball: Path) -> None:
     ours = run_nestbed("-B", tree, "--", "unshare")
     results = [line for line in theirs.stdout.splitlines() if RESULT.match(line)]
     assert (theirs.returncode, results) == ours[:2], theirs.stderr[-3000:]
+
+
+@pytest.mark.network
+def test_needs_sudo_gets_a_normal_user_who_may_sudo(tarball: Path, tmp_path: Path) -> None:
+    """A testbed that can revert lets nestbed grant sudo (as autopkgtest does); null cannot."""
+    tree = write_package(
+        tmp_path / "pkg",
+        {"sudoer": "#!/bin/sh\nset -e\nid -un\nsudo -n id -un\n"},
+        "Tests: sudoer\nDepends:\nRestrictions: needs-sudo\n",
+    )
+    code, results, err = run_nestbed("-B", str(tree), "--", "unshare")
+    assert (code, results) == (0, ["sudoer               PASS"]), err[-3000:]
+    code, results, err = run_nestbed("-B", str(tree), "--", "null")
+    why = "Cannot enable needs-sudo restriction: no ordinary user available"
+    assert (code, results) == (8, [f"sudoer               SKIP {why}"]), err[-3000:]

@@ -72,6 +72,10 @@ mount -t tmpfs -o mode=1777,nosuid,nodev nestbed-tmp "$root/tmp"
 cd "$root"
 pivot_root . .
 umount -l .
+# a name of its own (its own UTS namespace) that resolves, or sudo and others complain
+echo nestbed-unshare > /proc/sys/kernel/hostname
+echo nestbed-unshare > /etc/hostname
+grep -qs '[[:space:]]nestbed-unshare$' /etc/hosts || echo '127.0.1.1 nestbed-unshare' >> /etc/hosts
 """
 
 # Only SIGCHLD is taken. A PID namespace's init gets no signal it has no handler for, so a

@@ -422,7 +422,22 @@ class Session:
             return ""
         if not root:
             return "Cannot enable needs-sudo restriction: not root"
-        return "Cannot enable needs-sudo restriction: cannot revert"
+        if "revert-full-system" not in tb.caps:
+            # granting sudo changes the testbed for good: only where a revert undoes it
+            return "Cannot enable needs-sudo restriction: cannot revert"
+        self.modified = True
+        self.console.info(f'Setting up user "{self.user}" to sudo without password...')
+        user = shlex.quote(self.user or "")
+        script = (
+            "getent group sudo >/dev/null || groupadd --system sudo; "
+            f"usermod -a -G sudo {user}; mkdir -p /etc/sudoers.d; "
+            f"echo {user}' ALL=(ALL:ALL) NOPASSWD: ALL' > /etc/sudoers.d/nestbed-needs-sudo; "
+            "chmod 0440 /etc/sudoers.d/nestbed-needs-sudo"
+        )
+        r = tb.execute(["sh", "-ec", script], timeout=short)
+        if r.returncode != 0:
+            return f"Failed to enable needs-sudo restriction: exit status {r.returncode}"
+        return ""
 
     def _execute(self, tree: SourceTree, test: TestSpec) -> None:
         tb = self.testbed
