@@ -300,4 +300,14 @@ CASES = (
         ),
         marks=(pytest.mark.network,),
     ),
+    Case(
+        # @builddeps@ reduced for the architecture (an [i386] one dropped) and build
+        # profiles; build-needed builds the tree in the testbed even with -B
+        "builddeps",
+        "builddeps",
+        ("-B",),
+        0,
+        ("uses-build           PASS",),
+        (*_STANDARD_FILES, "uses-build-stdout"),
+    ),
 )
