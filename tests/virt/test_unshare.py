@@ -514,3 +514,20 @@ def test_needs_sudo_gets_a_normal_user_who_may_sudo(tarball: Path, tmp_path: Pat
     code, results, err = run_nestbed("-B", str(tree), "--", "null")
     why = "Cannot enable needs-sudo restriction: no ordinary user available"
     assert (code, results) == (8, [f"sudoer               SKIP {why}"]), err[-3000:]
+
+
+@pytest.mark.network
+@pytest.mark.autopkgtest
+def test_source_by_name_with_apt_upgrade_agrees_with_autopkgtest(tarball: Path) -> None:
+    """`-U hello -- unshare`: apt-get source in the container, archive binaries, no build."""
+    expected = ["command1             PASS", "upstream-tests       PASS"]
+    code, results, err = run_nestbed("-U", "hello", "--", "unshare", "--tarball", str(tarball))
+    assert (code, results) == (0, expected), err[-3000:]
+    ref = subprocess.run(
+        ["autopkgtest", "-U", "hello", "--", "unshare", "--tarball", str(tarball)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    ref_results = [line for line in ref.stdout.splitlines() if RESULT.match(line)]
+    assert (ref.returncode, ref_results) == (0, expected), ref.stderr[-3000:]
