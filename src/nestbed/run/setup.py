@@ -11,8 +11,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from nestbed.aptsources import host_sources
 from nestbed.errors import BadPackage, TestbedFailure
-from nestbed.image.mirror import host_sources
 from nestbed.log import Console
 from nestbed.testbed.client import Testbed
 
