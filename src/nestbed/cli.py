@@ -29,7 +29,9 @@ of the archive's, a source package name (apt-get source in the testbed), or a gi
 
 VIRT-SERVER is the testbed. Without "-- VIRT-SERVER" the tests run in a QEMU virtual
 machine of nestbed's default image (Debian bookworm from this machine's apt mirror, built
-and cached the first time: see "nestbed image --help").
+and cached the first time: see "nestbed image --help"); when a test declares needs-baseimage,
+the --nested image (QEMU and nestbed inside), which the VM also gets as /dev/baseimage to boot
+VMs of its own from (docs/nested.md).
   qemu IMAGE  a throwaway VM of IMAGE (nestbed-virt-qemu --help); IMAGE is never written
   null        the host itself (nestbed-virt-null). As root, test dependencies are
               INSTALLED ON THIS MACHINE with apt, and tests can change it: use null only
@@ -344,8 +346,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{program_name()}: error: {e}", file=sys.stderr)
         return e.exit_code
     if not options.virt_argv:
+        from nestbed.run.prescan import declared_restrictions
+
+        # a test that boots nested VMs needs an image with QEMU (and nestbed) inside
+        wanted = declared_restrictions(options.packages) - options.ignore_restrictions
         try:
-            options = replace(options, virt_argv=("qemu", default_image()))
+            image = default_image(nested="needs-baseimage" in wanted)
+            options = replace(options, virt_argv=("qemu", image))
         except errors.NestbedError as e:
             print(f"{program_name()}: error: {e}", file=sys.stderr)
             return e.exit_code
@@ -354,14 +361,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(options)
 
 
-def default_image() -> str:
-    """No testbed named: a QEMU VM of the default image, built (with progress) the first time."""
+def default_image(nested: bool = False) -> str:
+    """No testbed named: a QEMU VM of the default image (the --nested one when a test needs
+    the base image), built (with progress) the first time."""
     from nestbed.image.build import ensure_image
+    from nestbed.image.config import BuildOptions
     from nestbed.image.progress import for_stream
 
     progress = for_stream(sys.stderr)
     try:
-        return str(ensure_image(progress=progress).directory)
+        return str(ensure_image(BuildOptions(nested=nested), progress=progress).directory)
     finally:
         progress.close()
 

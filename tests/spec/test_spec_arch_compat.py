@@ -72,12 +72,20 @@ def _test(*restrictions: str) -> model.TestSpec:
 
 
 ALL_CAPS = frozenset(
-    {"revert-full-system", "has_internet", "reboot", "root-on-testbed", "isolation-machine"}
+    {
+        "revert-full-system",
+        "has_internet",
+        "reboot",
+        "root-on-testbed",
+        "isolation-machine",
+        "baseimage",
+    }
 )
 
 
-def test_known_restrictions_are_autopkgtest_5_28s() -> None:
-    assert len(KNOWN_RESTRICTIONS) == 15
+def test_known_restrictions_are_autopkgtest_5_28s_and_needs_baseimage() -> None:
+    assert len(KNOWN_RESTRICTIONS) == 16
+    assert "needs-baseimage" in KNOWN_RESTRICTIONS
     assert "hint-testsuite-triggers" not in KNOWN_RESTRICTIONS
     assert set(RESTRICTIONS_REQUIRE_CAPS) <= KNOWN_RESTRICTIONS
 
@@ -124,6 +132,13 @@ def test_every_known_restriction_runs_with_all_caps(restriction: str) -> None:
             ("needs-reboot",),
             frozenset(),
             'Test restriction "needs-reboot" requires testbed capability "reboot"',
+        ),
+        (
+            ("needs-baseimage",),
+            frozenset({"root-on-testbed", "isolation-machine"}),
+            'Test restriction "needs-baseimage" requires testbed capability "baseimage": only a'
+            " QEMU testbed exports its base image (by default when a test needs it; not with"
+            " --no-baseimage, nor with several images unless --baseimage=PATH names one)",
         ),
         # unknown restrictions are reported before missing capabilities
         (("needs-root", "zzz"), frozenset(), "unknown restriction zzz"),

@@ -22,6 +22,7 @@ from nestbed.report.results import ExitStatus, TestResult, Verdict
 from nestbed.run import build, deps, executor
 from nestbed.run.binaries import Binaries
 from nestbed.run.options import PackageArg, RunOptions
+from nestbed.run.prescan import declared_restrictions
 from nestbed.run.setup import Setup
 from nestbed.run.tree import Limits, SourceTree, prepare
 from nestbed.spec.compat import unsupported_reason
@@ -104,6 +105,7 @@ class Session:
                 resolve_virt_server(self.options.virt_argv[0]) + list(self.options.virt_argv[1:]),
                 debug=self.console.verbosity >= DEBUG,
                 log=self.console.debug,
+                env=self._server_hints(),
             )
             self.testbed.start()
             self.testbed.open(timeout=self.options.timeouts.short)
@@ -139,6 +141,15 @@ class Session:
         self._write_testinfo()
         self._write_machine_results()
         return self.status.code
+
+    def _server_hints(self) -> dict[str, str]:
+        """What the virt server should know before it opens the testbed: a test that needs
+        the base image gets it without a flag (servers that cannot export ignore the hint)."""
+        wanted = declared_restrictions(self.options.packages) - self.options.ignore_restrictions
+        if "needs-baseimage" in wanted:
+            self.console.debug("a test declares needs-baseimage: asking the testbed to export it")
+            return {"NESTBED_WANT_BASEIMAGE": "1"}
+        return {}
 
     def close(self) -> None:
         try:
@@ -453,7 +464,7 @@ class Session:
             user=self.user,
             root_on_testbed="root-on-testbed" in tb.caps,
             nproc=self.nproc or "1",
-            extra_env=self.options.env,
+            extra_env=(*testbed_environment(tb.caps), *self.options.env),
             build_parallel=self.options.build_parallel,
         )
         if test.command is not None:
@@ -553,6 +564,22 @@ class Session:
         except OSError as e:
             self.console.error(f"cannot write results: {e}")
             self.status.code = errors.EXIT_UNEXPECTED
+
+
+# where the QEMU testbed's images put the exported base image (a symlink to /dev/baseimage)
+BASEIMAGE_PATH = "/lib/autopkgtest/baseimage"
+
+
+def testbed_environment(caps: frozenset[str]) -> tuple[str, ...]:
+    """Variables a test gets from what the testbed provides (before the user's --env)."""
+    env: list[str] = []
+    if "baseimage" in caps:
+        env.append(f"AUTOPKGTEST_BASEIMAGE={BASEIMAGE_PATH}")
+    if "nested-kvm" in caps:
+        env.append("AUTOPKGTEST_NESTED_KVM=1")
+    elif "baseimage" in caps:
+        env.append("AUTOPKGTEST_NESTED_KVM=0")  # our server checked: nested VMs are emulated
+    return tuple(env)
 
 
 def _from_test_command(entry: TestSpec | UnsupportedTest) -> bool:

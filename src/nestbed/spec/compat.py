@@ -6,7 +6,8 @@ from collections.abc import Mapping
 
 from nestbed.spec.model import TestSpec
 
-# The restrictions autopkgtest 5.28 knows (testdesc.known_restrictions).
+# The restrictions autopkgtest 5.28 knows (testdesc.known_restrictions), and ours:
+# needs-baseimage (the testbed's own base image, read-only, to boot nested VMs from).
 # hint-testsuite-triggers is documented in README.package-tests but is NOT in 5.28's
 # set: a test declaring it is skipped with "unknown restriction hint-testsuite-triggers",
 # which is also what the documentation asks for ("should not actually be run").
@@ -18,6 +19,7 @@ KNOWN_RESTRICTIONS: frozenset[str] = frozenset(
         "flaky",
         "isolation-container",
         "isolation-machine",
+        "needs-baseimage",
         "needs-internet",
         "needs-reboot",
         "needs-recommends",
@@ -40,6 +42,15 @@ RESTRICTIONS_REQUIRE_CAPS: Mapping[str, tuple[frozenset[str], ...]] = {
     # a machine isolates at least as well as a container
     "isolation-container": (frozenset({"isolation-container", "isolation-machine"}),),
     "isolation-machine": (frozenset({"isolation-machine"}),),
+    "needs-baseimage": (frozenset({"baseimage"}),),
+}
+
+# Restriction -> what to tell the user who wants the test to run after all.
+RESTRICTION_HINTS: Mapping[str, str] = {
+    "needs-baseimage": (
+        "only a QEMU testbed exports its base image (by default when a test needs it;"
+        " not with --no-baseimage, nor with several images unless --baseimage=PATH names one)"
+    ),
 }
 
 # Restriction -> packages it adds to the test's Depends.
@@ -67,5 +78,7 @@ def unsupported_reason(
                 continue
             names = sorted(f'"{cap}"' for cap in alternatives)
             needed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and/or " + names[-1]
-            return f'Test restriction "{restriction}" requires testbed capability {needed}'
+            reason = f'Test restriction "{restriction}" requires testbed capability {needed}'
+            hint = RESTRICTION_HINTS.get(restriction)
+            return f"{reason}: {hint}" if hint else reason
     return None

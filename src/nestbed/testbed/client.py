@@ -127,6 +127,7 @@ class Testbed:
 
     `log` receives debug lines (with `debug`) and every line the server writes to stderr;
     it is called from a reader thread too. Without it, server stderr goes to ours.
+    `env` adds variables to the server's environment (hints such as NESTBED_WANT_BASEIMAGE).
     """
 
     def __init__(
@@ -135,10 +136,12 @@ class Testbed:
         *,
         debug: bool = False,
         log: Callable[[str], None] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         if not argv:
             raise UsageError("no virt server given")
         self.argv = list(argv)
+        self.env = dict(env or {})
         self.debug = debug
         self._log = log
         self.caps: frozenset[str] = frozenset()
@@ -203,6 +206,7 @@ class Testbed:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None,
             )
         except OSError as e:
             raise TestbedFailure(
