@@ -126,12 +126,14 @@ def test_qemu_exports_the_base_image_without_a_flag(
 ) -> None:
     before = hashlib.sha256(nestbed_image.disk.read_bytes()).hexdigest()
     control = (
-        "Tests: check\nRestrictions: needs-baseimage, needs-root, needs-reboot\n"
-    )  # fmt: skip
+        "Tests: check\nRestrictions: needs-baseimage, needs-root, needs-reboot\n\n"
+        "Test-Command: true\nFeatures: test-name=plain\n"
+    )
     pkg = write_package(tmp_path / "pkg", {"check": REBOOT_CHECK}, control)
     r = _run(["-B", str(pkg), "--", "qemu", str(nestbed_image.directory)], timeout=1200)
     assert r.returncode == 0, r.stdout + r.stderr
     assert re.search(r"^check\s+PASS$", r.stdout, re.M), r.stdout
+    assert re.search(r"^plain\s+PASS$", r.stdout, re.M), r.stdout
     assert "mark=none" in r.stdout and "mark=after-boot" in r.stdout
     assert "checked after reboot" in r.stdout
     assert "nested_kvm=1" in r.stdout  # TCG -cpu max emulates SVM: KVM works in the guest
@@ -141,6 +143,7 @@ def test_qemu_exports_the_base_image_without_a_flag(
         ["-B", str(pkg), "--", "qemu", "--no-baseimage", str(nestbed_image.directory)],
         timeout=1200,
     )
+    # 2: a test was skipped (a package whose only test is skipped exits 8, as in autopkgtest)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert re.search(
         r'^check\s+SKIP Test restriction "needs-baseimage" requires testbed capability',

@@ -387,6 +387,23 @@ def test_installing_and_writing_usr_leaves_host_untouched(tarball: Path, tmp_pat
 
 
 @pytest.mark.network
+def test_needs_baseimage_is_skipped_with_the_reason(tarball: Path, tmp_path: Path) -> None:
+    """A container has no base image to give: SKIP and exit 2 (8 when nothing else ran, as
+    for any all-skipped package), never a pass."""
+    tree = write_package(
+        tmp_path / "pkg",
+        {"nested": "#!/bin/sh\necho ran\n", "plain": "#!/bin/sh\necho ran\n"},
+        "Tests: nested\nDepends:\nRestrictions: needs-baseimage, needs-root\n\n"
+        "Tests: plain\nDepends:\n",
+    )
+    rc, results, err = run_nestbed("-B", str(tree), "--", "unshare")
+    assert rc == 2, err[-3000:]
+    skip = 'nested               SKIP Test restriction "needs-baseimage" requires'
+    assert results[0].startswith(skip), results
+    assert results[-1] == "plain                PASS", results
+
+
+@pytest.mark.network
 def test_breaks_testbed_is_reverted(tarball: Path, tmp_path: Path) -> None:
     mark = "/usr/share/nestbed-revert-mark"
     tree = write_package(
