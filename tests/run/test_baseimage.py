@@ -120,11 +120,16 @@ echo checked after reboot
 """
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 @pytest.mark.vm
 def test_qemu_exports_the_base_image_without_a_flag(
     nestbed_image: ImagePaths, tmp_path: Path
 ) -> None:
-    before = hashlib.sha256(nestbed_image.disk.read_bytes()).hexdigest()
+    before = _sha256(nestbed_image.disk)
     control = (
         "Tests: check\nRestrictions: needs-baseimage, needs-root, needs-reboot\n\n"
         "Test-Command: true\nFeatures: test-name=plain\n"
@@ -137,7 +142,7 @@ def test_qemu_exports_the_base_image_without_a_flag(
     assert "mark=none" in r.stdout and "mark=after-boot" in r.stdout
     assert "checked after reboot" in r.stdout
     assert "nested_kvm=1" in r.stdout  # TCG -cpu max emulates SVM: KVM works in the guest
-    assert hashlib.sha256(nestbed_image.disk.read_bytes()).hexdigest() == before
+    assert _sha256(nestbed_image.disk) == before
 
     refused = _run(
         ["-B", str(pkg), "--", "qemu", "--no-baseimage", str(nestbed_image.directory)],
