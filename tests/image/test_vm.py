@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 from collections.abc import Iterator
@@ -78,7 +79,7 @@ def test_root_overlay_and_readonly_base_are_told_apart(booted: tuple[Machine, st
     ch = booted[0].channel
     script = (
         'root=$(readlink -f "$(findmnt -no SOURCE /)"); base=$(readlink -f /dev/baseimage);'
-        " byid=$(readlink -f /dev/disk/by-id/virtio-nestbed-base);"
+        " byid=$(readlink -f /lib/autopkgtest/baseimage);"
         ' echo "$root $base $byid $(blockdev --getro $root) $(blockdev --getro $base)";'
         " findmnt -no OPTIONS / | cut -d, -f1; touch /written-by-guest && echo wrote"
     )
@@ -90,6 +91,42 @@ def test_root_overlay_and_readonly_base_are_told_apart(booted: tuple[Machine, st
     # the base really is read-only, even for root
     res = ch.exec(["dd", "if=/dev/zero", "of=/dev/vdb", "bs=512", "count=1"], timeout=60)
     assert res.status != 0
+
+
+def test_base_image_identity_is_hidden(booted: tuple[Machine, str]) -> None:
+    """The base disk carries the root's UUID and label: only the root disk may be found by them."""
+    ch = booted[0].channel
+    res = ch.exec(["sh", "-c", "udevadm settle; cd /dev/disk; readlink -f by-uuid/* by-label/*"],
+                  timeout=60)  # fmt: skip
+    assert res.stdout.decode().split() == ["/dev/vda", "/dev/vda"], res.stderr
+    res = ch.exec(["udevadm", "info", "--query=property", "/dev/vdb"], timeout=60)
+    props = dict(line.split("=", 1) for line in res.stdout.decode().splitlines())
+    assert not [k for k in props if k.startswith("ID_FS_")], props
+    assert props.get("UDISKS_IGNORE") == "1"
+    # readable by everyone (a non-root test boots it), group kvm; the test user is in kvm
+    res = ch.exec(["sh", "-c", "stat -L -c '%a %G' /lib/autopkgtest/baseimage; id -nG nestbed"],
+                  timeout=60)  # fmt: skip
+    assert res.stdout.decode().splitlines() == ["644 kvm", "nestbed kvm"]
+    res = ch.exec(["head", "-c", "4096", "/dev/baseimage"], user="nestbed", timeout=60)
+    assert (res.status, len(res.stdout)) == (0, 4096)
+
+
+def test_image_describes_itself(booted: tuple[Machine, str], nestbed_image: ImagePaths) -> None:
+    """/etc/nestbed/image.json names the kernel the guest runs and how to boot the disk."""
+    ch = booted[0].channel
+    info = json.loads(ch.exec(["cat", "/etc/nestbed/image.json"], timeout=60).stdout)
+    m = nestbed_image.manifest
+    assert info["kernel_version"] == ch.exec(["uname", "-r"], timeout=60).stdout.decode().strip()
+    assert (info["name"], info["release"], info["arch"], info["flavour"]) == (
+        m.name, m.release, m.arch, m.flavour)  # fmt: skip
+    assert (info["cmdline"], info["root_serial"], info["base_serial"], info["agent_port"]) == (
+        m.cmdline, m.root_serial, m.base_serial, m.agent_port)  # fmt: skip
+    assert (info["kernel"], info["initrd"]) == (
+        f"/boot/vmlinuz-{m.kernel_version}", f"/boot/initrd.img-{m.kernel_version}")  # fmt: skip
+    # they are the very files the host boots
+    res = ch.exec(["sha256sum", info["kernel"], info["initrd"]], timeout=60)
+    guest = [line.split()[0] for line in res.stdout.decode().splitlines()]
+    assert guest == [sha256(nestbed_image.kernel), sha256(nestbed_image.initrd)]
 
 
 def test_guest_has_kvm_for_nested_vms(booted: tuple[Machine, str]) -> None:

@@ -40,7 +40,8 @@ from nestbed.image.mirror import AptSource, image_sources, probe
 from nestbed.image.proc import CommandFailed, remove_tree, run
 from nestbed.image.progress import Progress, QuietProgress
 
-RECIPE_VERSION = 1  # bump when the image contents change: old cache keys stop matching
+RECIPE_VERSION = 2  # bump when the image contents change: old cache keys stop matching
+IMAGE_JSON_VERSION = 1  # of /etc/nestbed/image.json
 EATMYDATA_HOOKS = Path("/usr/share/mmdebstrap/hooks/eatmydata")
 MIN_FREE = 256 << 20  # refuse to start with less than this where the image goes
 SCRATCH_MIN_FREE = 2 << 30  # use /dev/shm for the root tree when it has this much room
@@ -56,32 +57,43 @@ class Plan:
 
     @property
     def key(self) -> str:
-        digest = hashlib.sha256(
-            json.dumps(
-                {
-                    "recipe": RECIPE_VERSION,
-                    "contents": contents.fingerprint(),
-                    "sources": [line for s in self.sources for line in s.lines()],
-                    "size": self.options.size,
-                    "packages": sorted(self.options.packages),
-                },
-                sort_keys=True,
-            ).encode()
-        ).hexdigest()[:10]
+        parts: dict[str, object] = {
+            "recipe": RECIPE_VERSION,
+            "contents": contents.fingerprint(),
+            "sources": [line for s in self.sources for line in s.lines()],
+            "size": self.options.size,
+            "packages": sorted(self.options.packages),
+        }
+        if self.options.nested:  # it carries nestbed itself: a new nestbed, a new image
+            parts["nestbed"] = contents.nestbed_fingerprint()
+        digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
         o = self.options
         return f"{o.release}-{o.arch}-{o.flavour}-{digest}"
 
     def image_info(self) -> dict[str, object]:
-        """What the guest learns about itself, in /etc/nestbed/image.json."""
+        """What the guest learns about itself, in /etc/nestbed/image.json: also everything a
+        testbed needs to boot the bare disk (nestbed.image.bare), with the kernel and initrd
+        taken from the disk's own /boot."""
+        version = contents.KERNEL_VERSION
         return {
+            "image_json_version": IMAGE_JSON_VERSION,
             "name": self.key,
             "release": self.options.release,
+            "arch": self.options.arch,
             "flavour": self.options.flavour,
+            "kernel_version": version,
+            "kernel": f"/boot/vmlinuz-{version}",
+            "initrd": f"/boot/initrd.img-{version}",
             "cmdline": contents.CMDLINE,
             "root_serial": contents.ROOT_SERIAL,
             "base_serial": contents.BASE_SERIAL,
             "agent_port": contents.AGENT_PORT,
             "test_user": contents.TEST_USER,
+            "format": "raw",
+            "size": self.options.size,
+            "created": contents.CREATED,
+            "sources": [line for s in self.sources for line in s.lines()],
+            "packages": list(self.options.packages),
         }
 
 
@@ -173,7 +185,9 @@ class Builder:
             )
             scratch.chmod(0o755)
             rootfs = scratch / "root"
-            hooks = contents.write_hooks(staging / "hooks", p.image_info())
+            hooks = contents.write_hooks(
+                staging / "hooks", p.image_info(), with_nestbed=p.options.nested
+            )
             with progress.stage(f"bootstrapping Debian {p.options.release} (mmdebstrap)"):
                 self._mmdebstrap(rootfs, hooks)
             with progress.stage("writing the disk image"):
@@ -230,6 +244,15 @@ class Builder:
         if not kernels:
             raise ImageError("no kernel in the image (is linux-image-cloud-amd64 installable?)")
         version = kernels[-1].name.removeprefix("vmlinuz-")
+        try:
+            info = json.loads((rootfs / contents.IMAGE_JSON).read_text())
+        except (OSError, ValueError) as e:
+            raise ImageError(f"the image has no readable /{contents.IMAGE_JSON}: {e}") from None
+        if info.get("kernel_version") != version:
+            raise ImageError(
+                f"/{contents.IMAGE_JSON} names kernel {info.get('kernel_version')!r},"
+                f" the image boots {version!r}"
+            )
         initrd = rootfs / "boot" / f"initrd.img-{version}"
         try:
             shutil.copyfile(kernels[-1], staging / KERNEL)

@@ -15,8 +15,10 @@ DEFAULT_SIZE = 4 << 30
 # What every image has. linux-image-cloud-amd64: boots fast, has virtio-serial, NBD, NFS,
 # KVM as modules (no 9p). python3: the control agent.
 BASE_PACKAGES = ("linux-image-cloud-amd64", "systemd-sysv", "udev", "python3")
-# What a test needs to boot the image again inside the VM.
-NESTED_PACKAGES = ("qemu-system-x86", "qemu-utils")
+# What a test needs to boot the image again inside the VM -- by hand or with nestbed itself,
+# which the nested image carries (its dependencies: python3-debian, python3-rich; debugfs
+# from e2fsprogs reads a bare base image's /etc/nestbed/image.json).
+NESTED_PACKAGES = ("qemu-system-x86", "qemu-utils", "python3-debian", "python3-rich", "e2fsprogs")
 
 _PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9]+)?(=[A-Za-z0-9.+~:-]+)?$")
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?$", re.IGNORECASE)

@@ -4,20 +4,25 @@ Two mmdebstrap hooks (shell scripts written next to a payload tree):
 - setup: initramfs configuration, in place before the kernel package builds the initrd
   (MODULES=list with only the virtio drivers: a 6 MB initrd instead of 15 MB, built faster
   and unpacked faster at every boot);
-- customize: copies the payload tree into the root, creates the test user, enables the
-  agent and the network, disables the apt timers.
+- customize: copies the payload tree into the root (with nestbed itself for --nested),
+  creates the test user, enables the agent and the network, disables the apt timers, links
+  /lib/autopkgtest/baseimage to /dev/baseimage and writes /etc/nestbed/image.json (which
+  needs the kernel version, known only once the packages are in).
 Both run inside mmdebstrap's namespace, so they work in root and unshare (rootless) mode.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+import nestbed
 from nestbed.guest import agent
+from nestbed.image.errors import ImageError
 
 ROOT_SERIAL = "nestbed-root"
 BASE_SERIAL = "nestbed-base"
@@ -51,9 +56,17 @@ UDEV_RULES = f"""\
 # nestbed: start the control agent when its virtio-serial port appears
 SUBSYSTEM=="virtio-ports", ATTR{{name}}=="{AGENT_PORT}", TAG+="systemd", \\
   ENV{{SYSTEMD_WANTS}}+="nestbed-agent.service"
-# nestbed: the read-only base image (disk serial {BASE_SERIAL}) is /dev/baseimage
+
+# nestbed: the read-only base image (disk serial {BASE_SERIAL}) is /dev/baseimage, readable
+# by everyone (QEMU attaches it read-only); /lib/autopkgtest/baseimage links to it.
 SUBSYSTEM=="block", KERNEL=="vd*[!0-9]", ATTRS{{serial}}=="{BASE_SERIAL}", \\
-  SYMLINK+="baseimage", GROUP="kvm", MODE="0640"
+  SYMLINK+="baseimage", GROUP="kvm", MODE="0644"
+# It carries the root file system's UUID and label: keep it (and any partition on it) out of
+# 60-persistent-storage.rules -- this file sorts before it -- so there is no blkid import, no
+# ID_FS_*, no /dev/disk/by-uuid or by-label link for it (fstab, systemd, btrfs cannot confuse
+# it with the root disk), and tell udisks to leave it alone.
+SUBSYSTEM=="block", KERNEL=="vd*", ATTRS{{serial}}=="{BASE_SERIAL}", \\
+  ENV{{UDEV_DISABLE_PERSISTENT_STORAGE_RULES_FLAG}}="1", ENV{{UDISKS_IGNORE}}="1"
 """
 
 # KVM for nested VMs: the CPU modules are not loaded on demand in the guest
@@ -137,6 +150,22 @@ if chroot "$root" getent group kvm >/dev/null; then chroot "$root" usermod -aG k
 chroot "$root" systemctl enable --quiet nestbed-agent.service nestbed-kvm.service \\
     systemd-networkd.service
 chroot "$root" systemctl mask --quiet {masked}
+# the base image at a path on the root file system (udev makes /dev/baseimage at every boot)
+mkdir -p "$root/lib/autopkgtest"
+ln -sfn /dev/baseimage "$root/lib/autopkgtest/baseimage"
+# /etc/nestbed/image.json: what a testbed needs to boot this disk when it has only the disk
+version=""
+for kernel in "$root"/boot/vmlinuz-*; do
+    if [ -f "$kernel" ]; then version="${{kernel##*/vmlinuz-}}"; fi
+done
+if [ -z "$version" ]; then echo "nestbed: no kernel in /boot" >&2; exit 1; fi
+created="$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"
+mkdir -p "$root/etc/nestbed"
+sed -e "s|@KERNEL_VERSION@|$version|g" -e "s|@CREATED@|$created|g" {image_json} \\
+    > "$root/etc/nestbed/image.json"
+chmod 0644 "$root/etc/nestbed/image.json"
+# nestbed itself (--nested): byte-compiled once here rather than in every testbed
+if [ -d "$root/{site}/nestbed" ]; then chroot "$root" python3 -m compileall -q /{site}/nestbed; fi
 """
 
 SETUP = """\
@@ -153,12 +182,69 @@ class Hooks:
     customize: Path
 
 
+IMAGE_JSON = "etc/nestbed/image.json"
+KERNEL_VERSION = "@KERNEL_VERSION@"  # filled in by the customize hook
+CREATED = "@CREATED@"
+PYTHON_DIST_PACKAGES = "usr/lib/python3/dist-packages"
+
+
 def fingerprint() -> str:
     """Changes whenever what nestbed puts into an image changes (part of the cache key)."""
     h = hashlib.sha256()
     for part in (repr(sorted(FILES.items())), repr(sorted(SETUP_FILES.items())), CUSTOMIZE,
                  SETUP, repr(MASKED_UNITS), Path(agent.__file__).read_text()):  # fmt: skip
         h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def nestbed_files() -> dict[str, tuple[str | bytes, int]]:
+    """nestbed itself, for the --nested image: the installed package (without bytecode) under
+    /usr/lib/python3/dist-packages, and a /usr/bin script for each of its console scripts."""
+    package = Path(nestbed.__file__).parent
+    files: dict[str, tuple[str | bytes, int]] = {}
+    for path in sorted(package.rglob("*")):
+        rel = path.relative_to(package)
+        if not path.is_file() or "__pycache__" in rel.parts or path.suffix == ".pyc":
+            continue
+        mode = 0o755 if path.stat().st_mode & 0o111 else 0o644
+        files[f"{PYTHON_DIST_PACKAGES}/nestbed/{rel.as_posix()}"] = (path.read_bytes(), mode)
+    for name, target in console_scripts().items():
+        module, _, attr = target.partition(":")
+        head = attr.split(".")[0]
+        script = (
+            "#!/usr/bin/python3\n"
+            f"# {name}: nestbed's console script (put here by nestbed's image builder)\n"
+            "import sys\n\n"
+            f"from {module} import {head}\n\n"
+            f"sys.exit({attr}())\n"
+        )
+        files[f"usr/bin/{name}"] = (script, 0o755)
+    return files
+
+
+def console_scripts() -> dict[str, str]:
+    """nestbed's console scripts as installed (pyproject.toml's [project.scripts]):
+    name -> "module:function"."""
+    try:
+        dist = importlib.metadata.distribution("nestbed")
+    except importlib.metadata.PackageNotFoundError:
+        raise ImageError(
+            "nestbed is not installed as a Python distribution (pip install): its commands"
+            " cannot be put into the nested image"
+        ) from None
+    scripts = {ep.name: ep.value for ep in dist.entry_points.select(group="console_scripts")}
+    if not scripts:
+        raise ImageError("the installed nestbed distribution declares no console scripts")
+    return dict(sorted(scripts.items()))
+
+
+def nestbed_fingerprint() -> str:
+    """Changes whenever nestbed's own files or commands change (the nested image's key)."""
+    h = hashlib.sha256()
+    for rel, (content, mode) in sorted(nestbed_files().items()):
+        h.update(f"{rel}\0{mode:o}\0".encode())
+        h.update(content.encode() if isinstance(content, str) else content)
         h.update(b"\0")
     return h.hexdigest()[:16]
 
@@ -171,11 +257,15 @@ def _write_tree(root: Path, files: dict[str, tuple[str | bytes, int]]) -> None:
         path.chmod(mode)
 
 
-def write_hooks(workdir: Path, image_info: dict[str, object]) -> Hooks:
-    """Write the payload trees and the two hook scripts into workdir."""
+def write_hooks(workdir: Path, image_info: dict[str, object], *, with_nestbed: bool) -> Hooks:
+    """Write the payload trees and the two hook scripts into workdir.
+
+    image_info becomes /etc/nestbed/image.json (KERNEL_VERSION and CREATED in its strings are
+    replaced by the hook); with_nestbed: nestbed itself goes into the image (--nested)."""
     files: dict[str, tuple[str | bytes, int]] = dict(FILES)
     files[AGENT_PATH.lstrip("/")] = (Path(agent.__file__).read_bytes(), 0o755)
-    files["etc/nestbed/image.json"] = (json.dumps(image_info, indent=2) + "\n", 0o644)
+    if with_nestbed:
+        files.update(nestbed_files())
     payload = workdir / "payload"
     setup_payload = workdir / "payload-setup"
     _write_tree(payload, files)
@@ -185,15 +275,20 @@ def write_hooks(workdir: Path, image_info: dict[str, object]) -> Hooks:
         for d in tree.rglob("*"):
             if d.is_dir():
                 d.chmod(0o755)
+    image_json = workdir / "image.json.in"
+    image_json.write_text(json.dumps(image_info, indent=2) + "\n")
+    image_json.chmod(0o644)
     setup = workdir / "setup.sh"
     setup.write_text(SETUP.format(payload=shlex.quote(str(setup_payload))))
     customize = workdir / "customize.sh"
     customize.write_text(
         CUSTOMIZE.format(
             payload=shlex.quote(str(payload)),
+            image_json=shlex.quote(str(image_json)),
             uid=TEST_UID,
             user=TEST_USER,
             masked=" ".join(MASKED_UNITS),
+            site=PYTHON_DIST_PACKAGES,
         )
     )
     for script in (setup, customize):
