@@ -3,11 +3,18 @@
 autopkgtest picks KVM whenever /dev/kvm exists. On this project's machines /dev/kvm is
 provided by `kvm_pvm` (a software backend without VMX/SVM) and a stock kernel hangs under it
 (shared/MACHINE-NOTES.md), so `auto` checks what backs the device first.
+
+The check never runs QEMU and never waits: it looks at /dev/kvm (a character device that
+opens read-write), at which KVM module is loaded and at the CPU flags. Inside a level-1
+nestbed guest under TCG `-cpu max` that is /dev/kvm from `kvm_amd` (nested SVM emulated by
+TCG, loaded at boot by the image) and the `svm` flag: KVM, so a level-2 VM does not end up
+as TCG inside TCG.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +48,16 @@ def kvm_problem(
     cpuinfo: Path = Path("/proc/cpuinfo"),
 ) -> str | None:
     """Why KVM cannot run a stock guest kernel here, or None when it can."""
-    if not dev.exists():
+    try:
+        st = dev.stat()
+    except OSError:
         return f"{dev} does not exist"
-    if not os.access(dev, os.R_OK | os.W_OK):
-        return f"no read/write access to {dev}"
+    if not stat.S_ISCHR(st.st_mode):
+        return f"{dev} is not a character device"
+    try:
+        os.close(os.open(dev, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK))
+    except OSError as e:
+        return f"cannot open {dev}: {e.strerror}"
     hardware = [m for m in ("kvm_intel", "kvm_amd") if (sys_module / m).exists()]
     if not hardware:
         if (sys_module / "kvm_pvm").exists():

@@ -7,6 +7,13 @@ throwaway qcow2 overlay in a private temporary directory: the image itself is op
 read-only and never written. Further images are attached read-only after it, in order, as
 virtio disks with serials nestbed-extra1, nestbed-extra2, ...
 
+The base image (the first IMAGE's disk, or the one named by --baseimage=PATH) is exported to
+nested tests by attaching it once more, read-only, last, with the image's base serial
+(nestbed-base): with --baseimage, or when the runner hints that a test needs it
+($NESTBED_WANT_BASEIMAGE=1) and only one image was given; never with --no-baseimage. The
+guest sees it at /dev/baseimage and /lib/autopkgtest/baseimage (capability `baseimage`);
+a guest with a working /dev/kvm gets capability `nested-kvm`.
+
 Commands run through the guest's control agent on a virtio-serial port (docs/agent.md),
 never through the serial console. The exec prefix is a small helper
 (`nestbed.qemu.execclient`) that connects to this server's private unix socket; the server
@@ -31,7 +38,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO, ClassVar, NoReturn
 
@@ -54,12 +61,123 @@ from nestbed.testbed.protocol import (
 
 NORMAL_USER = "nestbed"
 EXTRA_SERIAL = "nestbed-extra{}"
+WANT_BASEIMAGE_ENV = "NESTBED_WANT_BASEIMAGE"  # the runner: a test in the run needs-baseimage
+GUEST_BASEIMAGE = "/lib/autopkgtest/baseimage"
 _PR_SET_PDEATHSIG = 1
+
+# What the server checks in the guest after every boot, restore and reboot, inside a
+# command it runs anyway (each guest exec costs 0.1-0.5 s under TCG): shell builtins only,
+# but for ln/mkdir when something is missing. $1 is the base image's disk serial, or empty
+# when it is not exported. Old images have no udev rule for /dev/baseimage: the disk is
+# found by its serial in sysfs (no waiting for udev); /lib/autopkgtest/baseimage is a
+# symlink to it on the root file system, so it survives reboots.
+GUEST_PROBE = """
+kvm=0
+if [ -c /dev/kvm ] && { [ -d /sys/module/kvm_amd ] || [ -d /sys/module/kvm_intel ]; }; then
+  if true 2>/dev/null <>/dev/kvm; then kvm=1; fi
+fi
+echo "nestbed-probe:kvm=$kvm"
+if [ -n "$1" ]; then
+  if [ ! -e /dev/baseimage ]; then
+    for d in /sys/block/vd*; do
+      s=; read -r s 2>/dev/null <"$d/serial" || :
+      if [ "$s" = "$1" ]; then ln -sf "${d##*/}" /dev/baseimage || :; fi
+    done
+  fi
+  base=missing
+  if [ -b /dev/baseimage ]; then
+    base=ok
+    if [ ! -L /lib/autopkgtest/baseimage ]; then
+      mkdir -p /lib/autopkgtest && ln -sfn /dev/baseimage /lib/autopkgtest/baseimage || :
+    fi
+  fi
+  echo "nestbed-probe:baseimage=$base"
+fi
+"""
 
 
 def _disk_format(path: Path) -> str:
-    with open(path, "rb") as f:
-        return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+    try:
+        with open(path, "rb") as f:
+            return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+    except OSError as e:
+        raise ServerFailure(f"{path}: cannot read: {e.strerror}") from None
+
+
+def normalise_argv(argv: Sequence[str]) -> list[str]:
+    """A bare `--baseimage` is a flag (as autopkgtest's), so `--baseimage IMAGE` must not
+    take IMAGE as its PATH: it becomes `--baseimage=`; only `--baseimage=PATH` names one."""
+    out: list[str] = []
+    for i, word in enumerate(argv):
+        if word == "--":
+            return out + list(argv[i:])
+        out.append("--baseimage=" if word == "--baseimage" else word)
+    return out
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path.absolute()
+
+
+def choose_base_image(
+    requested: str | None,
+    forbidden: bool,
+    images: Sequence[str],
+    first: ImagePaths,
+    env: Mapping[str, str],
+) -> tuple[Drive | None, str | None]:
+    """Which disk to export as the base image (a read-only Drive with the base serial, or
+    None), and a warning to give once, if any. Raises ServerFailure for bad input.
+
+    `requested` is None (no --baseimage), "" (a bare --baseimage) or the PATH given."""
+    serial = first.manifest.base_serial
+    if forbidden:
+        return None, None
+    if requested is None:
+        if env.get(WANT_BASEIMAGE_ENV) != "1":
+            return None, None
+        if len(images) > 1:
+            return None, (
+                "a test needs the base image, but several images were given: not exporting "
+                "it; name the one to export with --baseimage=PATH"
+            )
+        return Drive(first.disk.absolute(), serial, first.manifest.format), None
+    if requested == "":
+        if len(images) > 1:
+            raise ServerFailure(
+                "--baseimage: several images given: name the one to export with --baseimage=PATH"
+            )
+        return Drive(first.disk.absolute(), serial, first.manifest.format), None
+    wanted = Path(requested)
+    if not wanted.exists():
+        raise ServerFailure(f"--baseimage={requested}: no such file")
+    target = _resolved(wanted)
+    first_names = {_resolved(Path(images[0])), _resolved(first.disk)}
+    if first.disk.parent == first.directory:
+        first_names.add(_resolved(first.directory))
+    if target in first_names:
+        return Drive(first.disk.absolute(), serial, first.manifest.format), None
+    for name in images[1:]:
+        if _resolved(Path(name)) == target:
+            path = Path(name).absolute()
+            return Drive(path, serial, _disk_format(path)), None
+    raise ServerFailure(f"--baseimage={requested}: not among the images given")
+
+
+def _probe_results(stdout: bytes) -> tuple[list[str], dict[str, str]]:
+    """Split a command's output into its own lines and the probe's key=value answers."""
+    own: list[str] = []
+    found: dict[str, str] = {}
+    for line in stdout.decode(errors="replace").splitlines():
+        if line.startswith("nestbed-probe:"):
+            key, _, value = line[len("nestbed-probe:") :].partition("=")
+            found[key] = value
+        else:
+            own.append(line)
+    return own, found
 
 
 class QemuServer(VirtServer):
@@ -98,6 +216,20 @@ class QemuServer(VirtServer):
             action="store_true",
             help="boot every testbed; neither use nor save a ready state",
         )
+        export = parser.add_mutually_exclusive_group()
+        export.add_argument(
+            "--baseimage",
+            nargs="?",
+            const="",
+            metavar="PATH",
+            help="export the base image to the guest read-only (/dev/baseimage, "
+            f"{GUEST_BASEIMAGE}); with several images, =PATH names the one",
+        )
+        export.add_argument(
+            "--no-baseimage",
+            action="store_true",
+            help="never export the base image (not even when a test needs it)",
+        )
         parser.add_argument("images", nargs="+", metavar="IMAGE", help="image(s); first boots")
 
     def __init__(self, args: argparse.Namespace) -> None:
@@ -116,6 +248,16 @@ class QemuServer(VirtServer):
             raise ServerFailure("--cpus must be at least 1 and --ram-size at least 128")
         if args.overlay_dir and not os.path.isdir(args.overlay_dir):
             raise ServerFailure(f"--overlay-dir {args.overlay_dir}: not a directory")
+        # bad input is found before anything is said, so it is the one line a user sees
+        base, note = choose_base_image(
+            args.baseimage, args.no_baseimage, args.images, self.image, os.environ
+        )
+        if note:
+            self.warn(note)
+        self.base = base
+        if base is not None:
+            self.debug(f"exporting {base.path} as the base image (serial {base.serial})")
+            extra.append(base)
         self.accel = accel_mod.choose(args.accel)
         self.warn(self.accel.describe())
         self.config = MachineConfig.for_image(
@@ -141,10 +283,13 @@ class QemuServer(VirtServer):
         self.machine: Machine | None = None
         self.mux: Mux | None = None
         self.boot_id = ""
+        # what the guest showed in the last probe (after boot, restore, reboot)
+        self.guest_kvm = False
+        self.base_seen: bool | None = None
 
     # ---- capabilities and exec ------------------------------------------------------------
     def capabilities(self) -> list[str]:
-        return [
+        caps = [
             "revert",
             "revert-full-system",
             "root-on-testbed",
@@ -152,6 +297,26 @@ class QemuServer(VirtServer):
             "reboot",
             f"suggested-normal-user={NORMAL_USER}",
         ]
+        if self.base is not None and self.base_seen is not False:
+            caps.append("baseimage")
+        if self.guest_kvm:
+            caps.append("nested-kvm")
+        return caps
+
+    def _probe_args(self) -> list[str]:
+        return [self.base.serial if self.base is not None else ""]
+
+    def _take_probe(self, found: dict[str, str]) -> None:
+        self.guest_kvm = found.get("kvm") == "1"
+        if self.base is None:
+            return
+        seen = found.get("baseimage") == "ok"
+        if not seen and self.base_seen is not False:
+            self.warn(
+                f"the guest does not see the base image (disk serial {self.base.serial}):"
+                " not advertising `baseimage'"
+            )
+        self.base_seen = seen
 
     def exec_prefix(self) -> list[str]:
         mux = self._mux()
@@ -291,9 +456,12 @@ class QemuServer(VirtServer):
             'date -u -s "@$1" >/dev/null; printf "$2" > /dev/urandom;'
             ' echo "$3" > /etc/machine-id; echo "$4" > /etc/hostname;'
             ' echo "$4" > /proc/sys/kernel/hostname; echo "127.0.1.1 $4" >> /etc/hosts;'
-            ' mkdir --mode=1777 --parents -- "$5"'
-        )
-        argv = ["sh", "-ec", script, "sh", f"{time.time():.6f}", entropy, machine_id, name, made]
+            ' mkdir --mode=1777 --parents -- "$5"; shift 5'
+        ) + GUEST_PROBE
+        argv = [
+            "sh", "-ec", script, "sh",
+            f"{time.time():.6f}", entropy, machine_id, name, made, *self._probe_args(),
+        ]  # fmt: skip
         try:
             res = machine.channel.exec(argv, timeout=60)
         except ChannelError as e:
@@ -301,17 +469,22 @@ class QemuServer(VirtServer):
         if res.returncode != 0:
             err = res.stderr.decode(errors="replace").strip()
             raise ServerFailure(self._explain(f"cannot refresh the restored guest: {err}"))
+        self._take_probe(_probe_results(res.stdout)[1])
         self._start_mux()
         return made
 
     def _wait_system_running(self) -> None:
-        # the agent answers early in the boot; tests expect a booted system
+        # the agent answers early in the boot; tests expect a booted system; the probe
+        # rides along in the same guest command
+        script = "systemctl is-system-running --wait;" + GUEST_PROBE
         res = self.execute(
-            ["systemctl", "is-system-running", "--wait"], timeout=self.args.timeout_reboot
+            ["sh", "-c", script, "sh", *self._probe_args()], timeout=self.args.timeout_reboot
         )
-        state = res.stdout.decode(errors="replace").strip()
         if res.returncode in (254, 255):
             raise ServerFailure(self._explain(res.stderr.decode(errors="replace").strip()))
+        own, found = _probe_results(res.stdout)
+        self._take_probe(found)
+        state = " ".join(own).strip()
         if state not in ("running", "degraded"):
             self.warn(f"the guest finished booting in state {state!r}")
 
@@ -454,7 +627,7 @@ def _die_with_parent() -> None:
 
 def main() -> NoReturn:
     _die_with_parent()
-    run_server(QemuServer)
+    run_server(QemuServer, normalise_argv(sys.argv[1:]))
 
 
 if __name__ == "__main__":
