@@ -71,14 +71,19 @@ class Manifest:
 
 @dataclass(frozen=True)
 class ImagePaths:
-    """A complete image: what a testbed needs to boot it."""
+    """A complete image: what a testbed needs to boot it.
+
+    disk_path: where the disk is when it is not `directory/disk.img` -- a bare disk (a block
+    device or a raw file, nestbed.image.bare) whose kernel and initrd were put into directory.
+    """
 
     directory: Path
     manifest: Manifest
+    disk_path: Path | None = None
 
     @property
     def disk(self) -> Path:
-        return self.directory / DISK
+        return self.disk_path if self.disk_path is not None else self.directory / DISK
 
     @property
     def kernel(self) -> Path:
