@@ -209,7 +209,11 @@ def parse_args(argv: Sequence[str]) -> Options:
     )
 
 
-def check_image(opts: Options) -> None:
+def check_inputs(opts: Options) -> None:
+    """What can be checked before anything boots: one line each."""
+    for spec in opts.copy_in:
+        if not os.path.exists(spec.src):
+            raise Failed(f"--copy-in {spec.src}: no such file or directory")
     if os.path.exists(opts.image):
         return
     if opts.image_origin == "the default path":
@@ -291,8 +295,6 @@ class NestedVM:
         what = f"copying {spec.src} {'into' if down else 'out of'} the VM"
         try:
             if down:
-                if not os.path.exists(spec.src):
-                    raise Failed(f"--copy-in {spec.src}: no such file or directory")
                 is_dir = os.path.isdir(spec.src)
             else:
                 kind = self.guest_kind(tb, spec.src, what)
@@ -469,7 +471,7 @@ class _SignalGuard:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         opts = parse_args(sys.argv[1:] if argv is None else argv)
-        check_image(opts)
+        check_inputs(opts)
     except Failed as e:
         _error(str(e))
         return EXIT_FAILED
