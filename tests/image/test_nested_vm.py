@@ -54,3 +54,23 @@ def test_debugfs_reads_the_base_image_as_the_test_user(nested: Machine) -> None:
         timeout=120,
     )
     assert res.status == 0 and b'"flavour": "nested"' in res.stdout, res.stderr.decode()
+
+
+def test_the_base_image_loads_as_a_bare_image_inside(nested: Machine) -> None:
+    """What `nestbed ... -- qemu /lib/autopkgtest/baseimage` does first inside the testbed:
+    kernel and initrd read off the read-only base disk are the ones the testbed booted."""
+    script = (
+        "import sys, tempfile\n"
+        "from pathlib import Path\n"
+        "from nestbed.image.bare import load_image\n"
+        "image = load_image(Path('/lib/autopkgtest/baseimage'), Path(tempfile.mkdtemp()))\n"
+        "print(image.disk, image.kernel, image.initrd, image.manifest.flavour)\n"
+    )
+    ch = nested.channel
+    res = ch.exec(["python3", "-c", script], user="nestbed", timeout=180)
+    assert res.status == 0, res.stderr.decode()
+    disk, kernel, initrd, flavour = res.stdout.decode().split()
+    assert (disk, flavour) == ("/lib/autopkgtest/baseimage", "nested")
+    res = ch.exec(["sh", "-c", f'cmp {kernel} /boot/vmlinuz-$(uname -r) && cmp {initrd} '
+                   f'/boot/initrd.img-$(uname -r) && echo same'], timeout=60)  # fmt: skip
+    assert res.stdout == b"same\n", res.stdout + res.stderr
