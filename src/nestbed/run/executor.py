@@ -97,7 +97,7 @@ class TestEnvironment:
         return f"{self.scratch}/{test.name}-wrapper.log"
 
 
-def test_script(test: TestSpec, env: TestEnvironment, timeout: int) -> str:
+def test_script(test: TestSpec, env: TestEnvironment, timeout: int, reboot_mark: str = "") -> str:
     """The shell script that sets autopkgtest's documented environment and runs the test."""
     q = shlex.quote
     artifacts = env.artifacts_dir(test)
@@ -122,6 +122,9 @@ def test_script(test: TestSpec, env: TestEnvironment, timeout: int) -> str:
     if test.has("needs-root") and env.user is not None:
         lines.append(f"export AUTOPKGTEST_NORMAL_USER={q(env.user)}")
         lines.append(f"export ADT_NORMAL_USER={q(env.user)}")
+    if reboot_mark:
+        lines.append(f"export AUTOPKGTEST_REBOOT_MARK={q(reboot_mark)}")
+        lines.append('export ADT_REBOOT_MARK="$AUTOPKGTEST_REBOOT_MARK"')
     lines += [f"export {q(e)}" for e in env.extra_env]
     if test.path is not None:
         command = f"{env.tree}/{test.path}"
@@ -151,16 +154,58 @@ def _pump(src: IO[bytes], sink: Callable[[bytes], None], store: bytearray) -> No
 
 
 def run_test(
-    testbed: Testbed, test: TestSpec, env: TestEnvironment, timeout: int, console: Console
+    testbed: Testbed,
+    test: TestSpec,
+    env: TestEnvironment,
+    timeout: int,
+    console: Console,
+    reboot: Callable[[], None] | None = None,
+    keep_outputs: bool = True,
 ) -> TestRun:
-    """Run the test, streaming its stdout and stderr to ours while recording each."""
-    argv = [*_run_as(test, env), test_script(test, env, timeout)]
+    """Run the test, streaming its stdout and stderr to ours while recording each.
+
+    A test that calls autopkgtest-reboot MARK is killed by it; then `reboot` (the caller's:
+    reboot the testbed, set it up again) runs and the test runs again with
+    AUTOPKGTEST_REBOOT_MARK=MARK, its output appended, as often as it asks. Without
+    `keep_outputs` its artifacts and AUTOPKGTEST_TMP are removed in the same round trip
+    that collects the wrapper's notes (each costs ~0.2-0.5 s in an emulated VM).
+    """
+    out, err = bytearray(), bytearray()
     started = time.monotonic()
+    mark = ""
+    while True:
+        argv = [*_run_as(test, env), test_script(test, env, timeout, mark)]
+        returncode, stuck = _run_once(testbed, argv, out, err, timeout, console)
+        if returncode in (254, 255) and not stuck:
+            raise TestbedFailure(
+                f"testbed failed while running test {test.name} (exit status {returncode})"
+            )
+        if reboot is None or stuck or returncode != 128 + signal.SIGKILL:
+            break
+        mark = _reboot_mark(testbed)
+        if not mark:
+            break
+        console.info(f"test {test.name}: test process requested reboot with marker {mark}")
+        reboot()
+    duration = time.monotonic() - started
+    notes = "" if stuck else _collect_wrapper_notes(testbed, test, env, not keep_outputs)
+    timed_out = stuck or "timed-out" in notes
+    return TestRun(returncode, bytes(out), bytes(err), timed_out, duration, notes, tuple(argv))
+
+
+def _run_once(
+    testbed: Testbed,
+    argv: list[str],
+    out: bytearray,
+    err: bytearray,
+    timeout: int,
+    console: Console,
+) -> tuple[int, bool]:
+    """One run of the test command: (exit status, whether the testbed stopped answering)."""
     proc = testbed.popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     assert proc.stdout is not None and proc.stderr is not None
-    out, err = bytearray(), bytearray()
     pumps = [
         threading.Thread(target=_pump, args=(proc.stdout, console.write_stdout, out), daemon=True),
         threading.Thread(target=_pump, args=(proc.stderr, console.write_stderr, err), daemon=True),
@@ -182,14 +227,14 @@ def run_test(
         raise
     for t in pumps:
         t.join(timeout=10)
-    duration = time.monotonic() - started
-    if returncode in (254, 255) and not stuck:
-        raise TestbedFailure(
-            f"testbed failed while running test {test.name} (exit status {returncode})"
-        )
-    notes = _collect_wrapper_notes(testbed, test, env) if not stuck else ""
-    timed_out = stuck or "timed-out" in notes
-    return TestRun(returncode, bytes(out), bytes(err), timed_out, duration, notes, tuple(argv))
+    return returncode, stuck
+
+
+def _reboot_mark(testbed: Testbed) -> str:
+    """The mark autopkgtest-reboot(-prepare) left, if that is what killed the test."""
+    marks = "/run/autopkgtest-reboot-mark /run/autopkgtest-reboot-prepare-mark"
+    result = testbed.execute(["sh", "-c", f"cat {marks} 2>/dev/null"], timeout=100)
+    return result.stdout.decode("UTF-8", "replace").strip().split("\n", 1)[0]
 
 
 def _stop_group(proc: subprocess.Popen[bytes]) -> None:
@@ -208,7 +253,13 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _collect_wrapper_notes(testbed: Testbed, test: TestSpec, env: TestEnvironment) -> str:
-    log = shlex.quote(env.wrapper_log(test))
-    result = testbed.execute(["sh", "-c", f"cat {log} 2>/dev/null; rm -f {log}"], timeout=100)
+def _collect_wrapper_notes(
+    testbed: Testbed, test: TestSpec, env: TestEnvironment, clean: bool = False
+) -> str:
+    q = shlex.quote
+    log = q(env.wrapper_log(test))
+    script = f"cat {log} 2>/dev/null; rm -f {log}"
+    if clean:
+        script += f"; rm -rf {q(env.artifacts_dir(test))} {q(env.tmp_dir)}"
+    result = testbed.execute(["sh", "-c", script], timeout=100)
     return result.stdout.decode("UTF-8", "replace")

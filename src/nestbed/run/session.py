@@ -178,21 +178,44 @@ class Session:
         return result.stdout.decode("UTF-8", "replace")
 
     @property
-    def wrapper_path(self) -> str:
+    def helpers_dir(self) -> str:
         assert self.testbed is not None
-        return f"{self.testbed.scratch}/wrapper.sh"
+        return f"{self.testbed.scratch}/nestbed"
+
+    @property
+    def wrapper_path(self) -> str:
+        return f"{self.helpers_dir}/wrapper.sh"
+
+    def _install_helpers(self) -> None:
+        """The test wrapper, and where the testbed can reboot, autopkgtest-reboot(-prepare)
+        in /tmp and /sbin as autopkgtest provides them: one copy, one command."""
+        tb = self.testbed
+        assert tb is not None
+        scripts = {"wrapper.sh": "wrapper.sh"}
+        links = ""
+        if "reboot" in tb.caps and "root-on-testbed" in tb.caps:
+            for name in ("autopkgtest-reboot", "autopkgtest-reboot-prepare"):
+                scripts[name] = "reboot.sh"
+                target = shlex.quote(f"{self.helpers_dir}/{name}")
+                links += f"; ln -fns {target} /tmp/{name}; ln -fns {target} /sbin/{name}"
+        with tempfile.TemporaryDirectory(prefix="nestbed.") as tmp:
+            local = os.path.join(tmp, "nestbed")
+            os.mkdir(local)
+            for name, source in scripts.items():
+                path = os.path.join(local, name)
+                with open(path, "wb") as f:
+                    f.write(files("nestbed.run").joinpath(source).read_bytes())
+                os.chmod(path, 0o755)
+            tb.copydown(local + "/", self.helpers_dir + "/", timeout=self.copy_timeout)
+        helpers = shlex.quote(self.helpers_dir)
+        script = f"chmod 0755 {helpers} {helpers}/*{links}"
+        self._check_exec(["sh", "-ec", script], "installing the test wrapper")
 
     def _after_open(self) -> None:
         """What every freshly opened (or reverted) testbed needs before tests run."""
         tb = self.testbed
         assert tb is not None
-        with tempfile.TemporaryDirectory(prefix="nestbed.") as tmp:
-            wrapper = os.path.join(tmp, "wrapper.sh")
-            with open(wrapper, "wb") as f:
-                f.write(files("nestbed.run").joinpath("wrapper.sh").read_bytes())
-            os.chmod(wrapper, 0o755)
-            tb.copydown(wrapper, self.wrapper_path, timeout=self.copy_timeout)
-        self._check_exec(["chmod", "0755", self.wrapper_path], "installing the test wrapper")
+        self._install_helpers()
         if self.user is None:
             self.user = self.options.user
             if self.user is None and "root-on-testbed" in tb.caps:
@@ -470,7 +493,11 @@ class Session:
         if test.command is not None:
             self.console.info(f"test {name}: {test.command}")
         self.console.info(f"test {name}: [-----------------------")
-        run = executor.run_test(tb, test, env, self.options.timeouts.test, self.console)
+        reboot = self._reboot if "reboot" in tb.caps and "root-on-testbed" in tb.caps else None
+        keep = bool(self.options.output_dir)  # artifacts are copied up, then removed
+        run = executor.run_test(
+            tb, test, env, self.options.timeouts.test, self.console, reboot, keep_outputs=keep
+        )
         if run.timed_out:
             self.console.error(f'timed out on command "{shlex.join(run.argv)}" (kind: test)')
         self.console.info(f"test {name}: -----------------------]")
@@ -484,11 +511,17 @@ class Session:
             self.console.info(f"test {name}:  - - - - - - - - - - stderr - - - - - - - - - -")
             self.console.write_stderr(run.stderr)
         self._save_outputs(test, env, run, baseline)
-        if not run.timed_out:
+        if keep and not run.timed_out:
             tb.execute(
                 ["rm", "-rf", env.artifacts_dir(test), env.tmp_dir],
                 timeout=self.options.timeouts.short,
             )
+
+    def _reboot(self) -> None:
+        """A test asked for a reboot: the testbed keeps the scratch dir; /tmp may not."""
+        assert self.testbed is not None
+        self.testbed.reboot(timeout=self.options.timeouts.copy)
+        self._install_helpers()
 
     def _record_test_packages_start(self) -> str | None:
         return self._installed_packages() if self.options.output_dir else None

@@ -22,7 +22,11 @@ cat <"$dir/out" &
 out_pid=$!
 cat <"$dir/err" >&2 &
 err_pid=$!
+# from here the shell's own stderr is not the test's: no "Killed" job notices in it
+exec 2>/dev/null
 
+# autopkgtest-reboot finds the test as the child of this shell
+echo $$ 2>/dev/null >/tmp/autopkgtest_script_pid || true
 started=$(date +%s)
 # exec in a subshell: a shell killed by a signal would print "Killed" into the test's stderr
 if [ "$limit" -gt 0 ]; then
