@@ -39,3 +39,15 @@ def test_help_lists_the_options() -> None:
     options = "--cpus --ram-size --accel --qemu-cpu --qemu-command --qemu-options"
     for option in (*options.split(), "--timeout-reboot", "--show-boot", "--overlay-dir"):
         assert option in out
+
+
+def test_default_memory_fits_a_small_machine(tmp_path: Path) -> None:
+    """A level-1 testbed has 2 GiB: a level-2 guest asking for all of it cannot start."""
+    from nestbed.virt.qemu import default_ram_mb
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:  1 kB\n")
+    assert default_ram_mb(meminfo) == 2048
+    meminfo.write_text("MemTotal:        2010000 kB\n")
+    assert default_ram_mb(meminfo) == 960
+    assert default_ram_mb(tmp_path / "missing") == 2048

@@ -119,6 +119,19 @@ def test_bad_baseimage_input_is_one_line(tmp_path: Path) -> None:
     assert res.returncode == 2 and "not allowed with" in res.stderr
 
 
+def test_a_disk_that_is_not_a_nestbed_image_is_one_line(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.img"
+    plain.write_bytes(b"\0" * 65536)
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    env = {**NO_HINT, "TMPDIR": str(private_tmp)}
+    line = server_fails(str(plain), env=env)
+    assert line.startswith(f"nestbed-virt-qemu: {plain}: not a nestbed image"), line
+    line = server_fails(str(tmp_path / "missing.img"), env=env)
+    assert line == f"nestbed-virt-qemu: {tmp_path}/missing.img: no such file or device"
+    assert not list(private_tmp.iterdir())  # the bare image's work dir is gone
+
+
 def test_runner_reports_bad_baseimage_in_one_line(tmp_path: Path) -> None:
     image = fake_image(tmp_path / "img")
     res = subprocess.run(
@@ -216,3 +229,69 @@ def test_exported_base_image_in_the_guest(exported: Client, nestbed_image: Image
     )
     exported.execute(["sh", "-c", scribble], timeout=120)
     assert sha256(nestbed_image.disk) == before
+
+
+# ---- a bare disk boots (no manifest beside it: /dev/baseimage inside a testbed) -----------
+
+
+@pytest.mark.vm
+def test_bare_disk_boots_cold_and_leaves_nothing(nestbed_image: ImagePaths, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "raw.img").symlink_to(nestbed_image.disk)  # no manifest.json beside it
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    states = nestbed_image.directory.parent / ".states"
+    states_before = set(states.iterdir()) if states.exists() else set()
+    tb = Client(
+        [SERVER, str(bare / "raw.img")], log=lambda _line: None,
+        env={**NO_HINT, "TMPDIR": str(private_tmp)},
+    )  # fmt: skip
+    tb.start()
+    try:
+        tb.open(timeout=400)
+        kernel = tb.execute(["uname", "-r"]).stdout.decode().strip()
+        assert kernel == nestbed_image.manifest.kernel_version
+    finally:
+        tb.quit()
+    assert not list(private_tmp.iterdir())  # kernel, initrd, overlay: all gone
+    # a bare disk never gets a saved ready state
+    assert (set(states.iterdir()) if states.exists() else set()) == states_before
+
+
+# ---- the --nested image: the server inside a testbed boots its base image with KVM --------
+
+LEVEL2 = """
+import sys
+from nestbed.qemu.accel import choose
+from nestbed.testbed.client import Testbed
+print(choose("auto").describe())
+tb = Testbed(["nestbed-virt-qemu", "/lib/autopkgtest/baseimage"], log=lambda line: None)
+tb.start()
+try:
+    tb.open(timeout=600)
+    res = tb.execute(["uname", "-r"])
+    print("level2-kernel=" + res.stdout.decode().strip())
+finally:
+    tb.quit()
+"""
+
+
+@pytest.mark.vm
+def test_level2_boots_from_the_exported_base_image_with_kvm(nested_image: ImagePaths) -> None:
+    tb = Client(
+        [SERVER, "--baseimage", str(nested_image.directory)], log=lambda _line: None, env=NO_HINT
+    )
+    tb.start()
+    try:
+        tb.open(timeout=600)
+        assert {"baseimage", "nested-kvm"} <= tb.caps
+        res = tb.execute(["python3", "-c", LEVEL2], timeout=900)
+        out = res.stdout.decode()
+        assert res.returncode == 0, (out, res.stderr.decode()[-2000:])
+        assert "using KVM (-cpu host)" in out, out
+        assert f"level2-kernel={nested_image.manifest.kernel_version}" in out, out
+        left = tb.execute(["sh", "-c", "ls -d /tmp/nestbed-qemu-* /tmp/nestbed-bare-* || true"])
+        assert left.stdout == b"", left.stdout
+    finally:
+        tb.quit()

@@ -35,6 +35,10 @@ def testbed(nestbed_image: ImagePaths) -> Iterator[Client]:
 def test_capabilities_and_exec_prefix(testbed: Client) -> None:
     for cap in ("revert", "revert-full-system", "root-on-testbed", "isolation-machine", "reboot"):
         assert cap in testbed.caps
+    # not asked for: no base image; TCG -cpu max (this project's machines) gives the guest KVM
+    assert "baseimage" not in testbed.caps
+    assert "nested-kvm" in testbed.caps
+    assert testbed.execute(["test", "-e", "/dev/baseimage"]).returncode == 1
     assert testbed.normal_user == "nestbed"
     res = testbed.execute(["sh", "-c", "cat; echo err >&2; exit 3"], stdin=b"in")
     assert (res.returncode, res.stdout, res.stderr) == (3, b"in", b"err\n")

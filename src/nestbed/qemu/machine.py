@@ -70,6 +70,10 @@ class MachineConfig:
     agent_port: str = PORT_NAME
     qemu: str = "qemu-system-x86_64"
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    # a bare disk (no kernel and initrd beside it): called at launch with the machine's
+    # private temporary directory, puts them there (they go with it) and returns their paths;
+    # raises MachineError when it cannot
+    unpack: Callable[[Path], tuple[Path, Path]] | None = None
 
     @classmethod
     def for_image(cls, image: ImagePaths, *, base_image: bool = False, **kw: Any) -> MachineConfig:
@@ -110,6 +114,7 @@ class Machine:
         self._qemu_log: BinaryIO | None = None
         self._channel: Channel | None = None
         self._argv: list[str] = []
+        self._boot_files: tuple[Path, Path] | None = None  # unpacked kernel and initrd
         self.console_output = ""  # the console's tail, kept after shutdown
 
     # -- paths --------------------------------------------------------------------------
@@ -144,10 +149,11 @@ class Machine:
     # -- command line -------------------------------------------------------------------
     def argv(self) -> list[str]:
         c = self.config
+        kernel, initrd = self._boot_files or (c.kernel, c.initrd)
         argv = [
             c.qemu, "-nodefaults", "-no-user-config", "-display", "none",
             "-accel", c.accel, "-cpu", c.cpu, "-smp", str(c.cpus), "-m", str(c.memory_mb),
-            "-kernel", os.fspath(c.kernel), "-initrd", os.fspath(c.initrd), "-append", c.cmdline,
+            "-kernel", os.fspath(kernel), "-initrd", os.fspath(initrd), "-append", c.cmdline,
             "-drive", f"if=none,id=root,file={_opt(self.overlay)},format=qcow2,discard=unmap",
             "-device", f"virtio-blk-pci,drive=root,serial={_opt(c.root_serial)}",
         ]  # fmt: skip
@@ -194,6 +200,8 @@ class Machine:
         try:
             self._tmp = Path(tempfile.mkdtemp(prefix="nestbed-qemu-", dir=self._tmp_parent))
             c = self.config
+            if c.unpack is not None:
+                self._boot_files = c.unpack(self._tmp)
             run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", c.root_format,
                  "-b", c.root.absolute(), self.overlay])  # fmt: skip
             self._argv = self.argv()
@@ -337,6 +345,7 @@ class Machine:
                 if console.exists():
                     self.console_output = console.read_bytes()[-65536:].decode("utf-8", "replace")
             tmp, self._tmp = self._tmp, None
+            self._boot_files = None
             for entry in tmp.iterdir():
                 entry.unlink()
             tmp.rmdir()

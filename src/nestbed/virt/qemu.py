@@ -45,7 +45,8 @@ from typing import BinaryIO, ClassVar, NoReturn
 from nestbed.errors import NestbedError
 from nestbed.guest.agent import T
 from nestbed.guest.channel import ChannelError, _safe_extract
-from nestbed.image.cache import ImagePaths
+from nestbed.image import bare as bare_mod
+from nestbed.image.cache import MANIFEST, ImagePaths
 from nestbed.qemu import accel as accel_mod
 from nestbed.qemu.execclient import StreamError, connect, helper_argv, stream
 from nestbed.qemu.machine import Drive, Machine, MachineConfig, MachineError
@@ -53,6 +54,7 @@ from nestbed.qemu.mux import Mux, MuxDead
 from nestbed.qemu.state import ReadyState, StateStore, state_key
 from nestbed.testbed.protocol import (
     COPY_FAILED,
+    HANDLED_SIGNALS,
     CommandFailed,
     ServerFailure,
     VirtServer,
@@ -63,6 +65,7 @@ NORMAL_USER = "nestbed"
 EXTRA_SERIAL = "nestbed-extra{}"
 WANT_BASEIMAGE_ENV = "NESTBED_WANT_BASEIMAGE"  # the runner: a test in the run needs-baseimage
 GUEST_BASEIMAGE = "/lib/autopkgtest/baseimage"
+DEFAULT_RAM_MB = 2048
 _PR_SET_PDEATHSIG = 1
 
 # What the server checks in the guest after every boot, restore and reboot, inside a
@@ -96,12 +99,41 @@ fi
 """
 
 
+def default_ram_mb(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """DEFAULT_RAM_MB, or half of this machine's memory when that is less: a level-1 testbed
+    has 2 GiB, and a level-2 guest asking for all of it is refused its memory by the
+    kernel's overcommit check (QEMU exits at start-up)."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                half_mb = int(line.split()[1]) // 1024 // 2
+                return max(256, min(DEFAULT_RAM_MB, half_mb // 64 * 64))
+    except (OSError, ValueError, IndexError):
+        pass
+    return DEFAULT_RAM_MB
+
+
 def _disk_format(path: Path) -> str:
     try:
         with open(path, "rb") as f:
             return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
     except OSError as e:
         raise ServerFailure(f"{path}: cannot read: {e.strerror}") from None
+
+
+def _check_bare(disk: Path) -> ImagePaths:
+    """Read a bare image once to find bad input before anything starts: into a temporary
+    directory removed at once (signals wait until it is gone); every boot unpacks the kernel
+    and initrd again into the machine's own directory, which goes with the machine."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix="nestbed-bare-"))
+        try:
+            return bare_mod.load_bare_image(disk, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def normalise_argv(argv: Sequence[str]) -> list[str]:
@@ -187,7 +219,10 @@ class QemuServer(VirtServer):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("-c", "--cpus", type=int, default=2, help="virtual CPUs (default 2)")
         parser.add_argument(
-            "--ram-size", type=int, default=2048, metavar="MB", help="memory (default 2048)"
+            "--ram-size",
+            type=int,
+            metavar="MB",
+            help=f"memory (default {DEFAULT_RAM_MB}, at most half of this machine's memory)",
         )
         parser.add_argument(
             "--accel",
@@ -234,8 +269,12 @@ class QemuServer(VirtServer):
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
+        first = Path(args.images[0])
+        self.label = args.images[0]
+        # a bare disk: no manifest.json beside it (/dev/baseimage in a nested testbed)
+        self.bare = not first.is_dir() and not (first.parent / MANIFEST).is_file()
         try:
-            self.image = ImagePaths.load(Path(args.images[0]))
+            self.image = _check_bare(first) if self.bare else ImagePaths.load(first)
         except NestbedError as e:
             raise ServerFailure(str(e)) from None
         extra: list[Drive] = []
@@ -244,6 +283,10 @@ class QemuServer(VirtServer):
             if not path.is_file():
                 raise ServerFailure(f"{name}: no such image file")
             extra.append(Drive(path.absolute(), EXTRA_SERIAL.format(i), _disk_format(path)))
+        if args.ram_size is None:
+            args.ram_size = default_ram_mb()
+            if args.ram_size < DEFAULT_RAM_MB:
+                self.debug(f"--ram-size {args.ram_size}: half of this machine's memory")
         if args.cpus < 1 or args.ram_size < 128:
             raise ServerFailure("--cpus must be at least 1 and --ram-size at least 128")
         if args.overlay_dir and not os.path.isdir(args.overlay_dir):
@@ -268,8 +311,11 @@ class QemuServer(VirtServer):
             cpu=args.qemu_cpu or self.accel.cpu,
             qemu=args.qemu_command,
             extra_args=tuple(shlex.split(args.qemu_options)),
+            unpack=self._unpack if self.bare else None,
         )
         self.config = dataclasses.replace(self.config, drives=self.config.drives + tuple(extra))
+        # a bare image boots cold every time: nothing reliable to key a saved state on
+        self.stateless = bool(args.cold_boot or self.bare)
         self.states = StateStore(self.image.directory)
         # the machine's shape: its command line with the per-run paths left out
         self.shape = [
@@ -339,7 +385,7 @@ class QemuServer(VirtServer):
         """Ready the testbed and make (or remake) the scratch dir: restore the saved ready
         state when there is a good one, else boot cold and save one for next time."""
         started = time.monotonic()
-        state = None if self.args.cold_boot else self.states.lookup(self.state_key)
+        state = None if self.stateless else self.states.lookup(self.state_key)
         if state is not None:
             try:
                 self._launch(state)
@@ -352,7 +398,7 @@ class QemuServer(VirtServer):
                 self.states.remove(self.state_key)
         self._boot_cold()
         self.debug(f"testbed booted in {time.monotonic() - started:.1f} s")
-        if not self.args.cold_boot:
+        if not self.stateless:
             return self._save_ready_state(scratch)
         return self.make_scratch(scratch)
 
@@ -383,11 +429,19 @@ class QemuServer(VirtServer):
             )
         except MachineError as e:
             what = "restore the saved state of" if state else "boot"
-            raise ServerFailure(f"cannot {what} {self.image.directory}: {e}") from None
+            raise ServerFailure(f"cannot {what} {self.label}: {e}") from None
         finally:
             if shower is not None:
                 shower.stop()
         self.boot_id = str(machine.channel.info.get("boot_id", ""))
+
+    def _unpack(self, directory: Path) -> tuple[Path, Path]:
+        """A bare image's kernel and initrd, read from its disk into the machine's directory."""
+        try:
+            image = bare_mod.load_bare_image(self.image.disk, directory)
+        except NestbedError as e:
+            raise MachineError(str(e)) from None
+        return image.kernel, image.initrd
 
     def _start_mux(self) -> None:
         """From here on every command goes through the exec helpers and the multiplexer."""
