@@ -14,7 +14,6 @@ Both run inside mmdebstrap's namespace, so they work in root and unshare (rootle
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import shlex
 from dataclasses import dataclass
@@ -226,6 +225,8 @@ def nestbed_files() -> dict[str, tuple[str | bytes, int]]:
 def console_scripts() -> dict[str, str]:
     """nestbed's console scripts as installed (pyproject.toml's [project.scripts]):
     name -> "module:function"."""
+    import importlib.metadata  # only builds need it (costly to import in a TCG guest)
+
     try:
         dist = importlib.metadata.distribution("nestbed")
     except importlib.metadata.PackageNotFoundError:
