@@ -37,7 +37,8 @@ def test_bad_options(tmp_path: Path) -> None:
 def test_help_lists_the_options() -> None:
     out = server("--help").stdout
     options = "--cpus --ram-size --accel --qemu-cpu --qemu-command --qemu-options"
-    for option in (*options.split(), "--timeout-reboot", "--show-boot", "--overlay-dir"):
+    more = ("--timeout-reboot", "--show-boot", "--overlay-dir", "--baseimage", "--no-baseimage")
+    for option in (*options.split(), *more):
         assert option in out
 
 

@@ -273,10 +273,13 @@ class QemuServer(VirtServer):
         self.label = args.images[0]
         # a bare disk: no manifest.json beside it (/dev/baseimage in a nested testbed)
         self.bare = not first.is_dir() and not (first.parent / MANIFEST).is_file()
+        started = time.monotonic()
         try:
             self.image = _check_bare(first) if self.bare else ImagePaths.load(first)
         except NestbedError as e:
             raise ServerFailure(str(e)) from None
+        if self.bare:
+            self.debug(f"{first}: a bare image, read in {time.monotonic() - started:.1f} s")
         extra: list[Drive] = []
         for i, name in enumerate(args.images[1:], 1):
             path = Path(name)
@@ -437,10 +440,12 @@ class QemuServer(VirtServer):
 
     def _unpack(self, directory: Path) -> tuple[Path, Path]:
         """A bare image's kernel and initrd, read from its disk into the machine's directory."""
+        started = time.monotonic()
         try:
             image = bare_mod.load_bare_image(self.image.disk, directory)
         except NestbedError as e:
             raise MachineError(str(e)) from None
+        self.debug(f"kernel and initrd unpacked in {time.monotonic() - started:.1f} s")
         return image.kernel, image.initrd
 
     def _start_mux(self) -> None:
