@@ -147,10 +147,63 @@ def _run_as(test: TestSpec, env: TestEnvironment) -> list[str]:
     return ["bash", "-c"]
 
 
+NOTES_MARKER = b"\0nestbed-wrapper-notes\0"
+
+
 def _pump(src: IO[bytes], sink: Callable[[bytes], None], store: bytearray) -> None:
     while chunk := src.read1(65536):  # type: ignore[attr-defined]
         store += chunk
         sink(chunk)
+
+
+class StderrSplitter:
+    """Passes the test's stderr on as it comes, and takes the wrapper's notes off its end
+    (they follow NOTES_MARKER). Only bytes that may begin the marker are held back, so a
+    test's output is never delayed unless it writes a NUL byte."""
+
+    def __init__(self, sink: Callable[[bytes], None], store: bytearray) -> None:
+        self._sink = sink
+        self._store = store
+        self._held = b""
+        self.notes = bytearray()
+        self._in_notes = False
+
+    def _emit(self, data: bytes) -> None:
+        if data:
+            self._store += data
+            self._sink(data)
+
+    def feed(self, chunk: bytes) -> None:
+        if self._in_notes:
+            self.notes += chunk
+            return
+        data = self._held + chunk
+        self._held = b""
+        while True:
+            at = data.find(b"\0")
+            if at < 0:
+                self._emit(data)
+                return
+            self._emit(data[:at])
+            data = data[at:]
+            if data.startswith(NOTES_MARKER):
+                self._in_notes = True
+                self.notes += data[len(NOTES_MARKER) :]
+                return
+            if NOTES_MARKER.startswith(data):  # may be the marker: wait for more
+                self._held = data
+                return
+            self._emit(data[:1])  # a NUL of the test's own
+            data = data[1:]
+
+    def close(self) -> None:
+        self._emit(self._held)
+        self._held = b""
+
+    def pump(self, src: IO[bytes]) -> None:
+        while chunk := src.read1(65536):  # type: ignore[attr-defined]
+            self.feed(chunk)
+        self.close()
 
 
 def run_test(
@@ -160,22 +213,26 @@ def run_test(
     timeout: int,
     console: Console,
     reboot: Callable[[], None] | None = None,
-    keep_outputs: bool = True,
+    clean_first: tuple[str, ...] = (),
 ) -> TestRun:
     """Run the test, streaming its stdout and stderr to ours while recording each.
 
-    A test that calls autopkgtest-reboot MARK is killed by it; then `reboot` (the caller's:
-    reboot the testbed, set it up again) runs and the test runs again with
-    AUTOPKGTEST_REBOOT_MARK=MARK, its output appended, as often as it asks. Without
-    `keep_outputs` its artifacts and AUTOPKGTEST_TMP are removed in the same round trip
-    that collects the wrapper's notes (each costs ~0.2-0.5 s in an emulated VM).
+    `clean_first`: paths left by earlier tests (their artifacts, AUTOPKGTEST_TMP), removed
+    in the same guest command that starts this test -- every round trip costs ~0.2-0.5 s in
+    an emulated VM, so a test costs one. A test that calls autopkgtest-reboot MARK is killed
+    by it; then `reboot` (the caller's: reboot the testbed, set it up again) runs and the
+    test runs again with AUTOPKGTEST_REBOOT_MARK=MARK, its output appended, as often as it
+    asks.
     """
-    out, err = bytearray(), bytearray()
+    out, err, notes = bytearray(), bytearray(), bytearray()
     started = time.monotonic()
     mark = ""
     while True:
         argv = [*_run_as(test, env), test_script(test, env, timeout, mark)]
-        returncode, stuck = _run_once(testbed, argv, out, err, timeout, console)
+        if clean_first and not mark:  # a re-run after a reboot keeps the test's files
+            argv = _with_cleanup(argv, clean_first)
+        returncode, stuck, run_notes = _run_once(testbed, argv, out, err, timeout, console)
+        notes += run_notes
         if returncode in (254, 255) and not stuck:
             raise TestbedFailure(
                 f"testbed failed while running test {test.name} (exit status {returncode})"
@@ -188,9 +245,15 @@ def run_test(
         console.info(f"test {test.name}: test process requested reboot with marker {mark}")
         reboot()
     duration = time.monotonic() - started
-    notes = "" if stuck else _collect_wrapper_notes(testbed, test, env, not keep_outputs)
-    timed_out = stuck or "timed-out" in notes
-    return TestRun(returncode, bytes(out), bytes(err), timed_out, duration, notes, tuple(argv))
+    text = notes.decode("UTF-8", "replace")
+    timed_out = stuck or "timed-out" in text
+    return TestRun(returncode, bytes(out), bytes(err), timed_out, duration, text, tuple(argv))
+
+
+def _with_cleanup(argv: list[str], paths: tuple[str, ...]) -> list[str]:
+    """argv, run by a shell that first removes `paths` (as the exec prefix's user)."""
+    script = 'while [ "$1" != -- ]; do rm -rf -- "$1"; shift; done; shift; exec "$@"'
+    return ["sh", "-c", script, "sh", *paths, "--", *argv]
 
 
 def _run_once(
@@ -200,15 +263,17 @@ def _run_once(
     err: bytearray,
     timeout: int,
     console: Console,
-) -> tuple[int, bool]:
-    """One run of the test command: (exit status, whether the testbed stopped answering)."""
+) -> tuple[int, bool, bytes]:
+    """One run of the test command: exit status, whether the testbed stopped answering,
+    and the wrapper's notes."""
     proc = testbed.popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     assert proc.stdout is not None and proc.stderr is not None
+    stderr = StderrSplitter(console.write_stderr, err)
     pumps = [
         threading.Thread(target=_pump, args=(proc.stdout, console.write_stdout, out), daemon=True),
-        threading.Thread(target=_pump, args=(proc.stderr, console.write_stderr, err), daemon=True),
+        threading.Thread(target=stderr.pump, args=(proc.stderr,), daemon=True),
     ]
     for t in pumps:
         t.start()
@@ -227,7 +292,7 @@ def _run_once(
         raise
     for t in pumps:
         t.join(timeout=10)
-    return returncode, stuck
+    return returncode, stuck, bytes(stderr.notes)
 
 
 def _reboot_mark(testbed: Testbed) -> str:
@@ -251,15 +316,3 @@ def _stop_group(proc: subprocess.Popen[bytes]) -> None:
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _collect_wrapper_notes(
-    testbed: Testbed, test: TestSpec, env: TestEnvironment, clean: bool = False
-) -> str:
-    q = shlex.quote
-    log = q(env.wrapper_log(test))
-    script = f"cat {log} 2>/dev/null; rm -f {log}"
-    if clean:
-        script += f"; rm -rf {q(env.artifacts_dir(test))} {q(env.tmp_dir)}"
-    result = testbed.execute(["sh", "-c", script], timeout=100)
-    return result.stdout.decode("UTF-8", "replace")

@@ -68,6 +68,8 @@ class Session:
         self.sudo_problem: str | None = None
         self._package: PackageArg | None = None
         self._tree_stale = False
+        # the last test's artifacts and AUTOPKGTEST_TMP, removed when the next test starts
+        self._leftovers: tuple[str, ...] = ()
         self.binaries = Binaries()
         # trees made in the testbed and built .debs are copied back here
         self.workdir = tempfile.mkdtemp(prefix="nestbed.work.")
@@ -494,9 +496,10 @@ class Session:
             self.console.info(f"test {name}: {test.command}")
         self.console.info(f"test {name}: [-----------------------")
         reboot = self._reboot if "reboot" in tb.caps and "root-on-testbed" in tb.caps else None
-        keep = bool(self.options.output_dir)  # artifacts are copied up, then removed
+        # what the last test left in the scratch dir goes when this one starts
+        leftovers, self._leftovers = self._leftovers, (env.artifacts_dir(test), env.tmp_dir)
         run = executor.run_test(
-            tb, test, env, self.options.timeouts.test, self.console, reboot, keep_outputs=keep
+            tb, test, env, self.options.timeouts.test, self.console, reboot, leftovers
         )
         if run.timed_out:
             self.console.error(f'timed out on command "{shlex.join(run.argv)}" (kind: test)')
@@ -511,11 +514,6 @@ class Session:
             self.console.info(f"test {name}:  - - - - - - - - - - stderr - - - - - - - - - -")
             self.console.write_stderr(run.stderr)
         self._save_outputs(test, env, run, baseline)
-        if keep and not run.timed_out:
-            tb.execute(
-                ["rm", "-rf", env.artifacts_dir(test), env.tmp_dir],
-                timeout=self.options.timeouts.short,
-            )
 
     def _reboot(self) -> None:
         """A test asked for a reboot: the testbed keeps the scratch dir; /tmp may not."""
