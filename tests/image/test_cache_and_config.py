@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from nestbed.image import BuildOptions, ImageCache, ImageError, ImagePaths, Manifest
+import nestbed
+from nestbed.image import BuildOptions, ImageCache, ImageError, ImagePaths, Manifest, contents
 from nestbed.image.build import mmdebstrap_argv, plan
 from nestbed.image.cache import MANIFEST, default_root, install, staging_dir
 from nestbed.image.cli import main
@@ -144,3 +146,28 @@ def test_options_and_key() -> None:
     ]
     if os.geteuid() == 0:
         assert "--mode=root" in argv and mmdebstrap_argv(a, Path("/r"), None)[0] == "unshare"
+
+
+def test_nested_image_carries_nestbed_and_its_key_follows_the_source(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every console script gets a /usr/bin script; a changed source file changes the nested
+    image's key, not the minimal one's."""
+    files = contents.nestbed_files()
+    for name, target in contents.console_scripts().items():
+        module, _, func = target.partition(":")
+        script = files[f"usr/bin/{name}"]
+        assert script[1] == 0o755
+        assert f"from {module} import {func}" in str(script[0])
+    assert "usr/lib/python3/dist-packages/nestbed/py.typed" in files
+    assert "usr/lib/python3/dist-packages/nestbed/run/wrapper.sh" in files
+    assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
+    nested, minimal = plan(BuildOptions(nested=True)).key, plan(BuildOptions()).key
+    # a copy of the package with one byte more in one file
+    copy = tmp_path / "nestbed"
+    shutil.copytree(Path(nestbed.__file__).parent, copy)
+    with open(copy / "errors.py", "a") as f:
+        f.write("\n")
+    monkeypatch.setattr(nestbed, "__file__", str(copy / "__init__.py"))
+    assert plan(BuildOptions(nested=True)).key != nested
+    assert plan(BuildOptions()).key == minimal

@@ -204,7 +204,12 @@ def nestbed_files() -> dict[str, tuple[str | bytes, int]]:
     files: dict[str, tuple[str | bytes, int]] = {}
     for path in sorted(package.rglob("*")):
         rel = path.relative_to(package)
-        if not path.is_file() or "__pycache__" in rel.parts or path.suffix == ".pyc":
+        if (
+            not path.is_file()
+            or "__pycache__" in rel.parts
+            or path.suffix == ".pyc"
+            or any(part.startswith(".") for part in rel.parts)  # editors' swap files
+        ):
             continue
         mode = 0o755 if path.stat().st_mode & 0o111 else 0o644
         files[f"{PYTHON_DIST_PACKAGES}/nestbed/{rel.as_posix()}"] = (path.read_bytes(), mode)
