@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Time a level-2 VM through nestbed-vm against a raw nested boot of the same image, both
+in one level-1 testbed.
+
+    python3 bench/nested.py [--image NESTED_IMAGE_DIR] [--runs 3]
+
+The host opens one level-1 testbed (nestbed-virt-qemu --baseimage on the --nested image,
+TCG here) and, interleaved so load changes hit both alike, runs in it:
+
+- raw: qemu-system-x86_64 -accel kvm -cpu host directly on a fresh qcow2 overlay of
+  /dev/baseimage with the image's kernel, initrd and command line (from
+  /etc/nestbed/image.json), the same memory and CPUs as nestbed-vm's defaults, the console
+  on a pipe; ready = QEMU start until the guest's root shell on the serial console (the
+  image's autologin) has answered `systemctl is-system-running --wait; echo MARK`;
+- nestbed-vm: `nestbed-vm -v -- true`; ready = its own "VM ready in" figure (start of
+  nestbed-vm until the VM answers commands and systemd says the boot finished), and the
+  whole call (start to exit, the VM stopped and cleaned up).
+
+Goal (issue 5): nestbed-vm ready <= 1.15x raw ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from nestbed.image import BuildOptions, ImagePaths, ensure_image
+from nestbed.testbed.client import Testbed
+
+BIN = Path(sys.executable).parent
+SERVER = str(BIN / "nestbed-virt-qemu")
+
+# Runs in the level-1 testbed (its python3): prints the seconds to a ready raw level-2 VM.
+RAW = r"""
+import json, os, select, subprocess, sys, tempfile, time
+info = json.load(open("/etc/nestbed/image.json"))
+tmp = tempfile.mkdtemp(prefix="raw-nested-")
+overlay = os.path.join(tmp, "root.qcow2")
+start = time.monotonic()
+subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
+                "-b", "/dev/baseimage", overlay], check=True)
+argv = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",
+        "-accel", "kvm", "-cpu", "host", "-smp", sys.argv[1], "-m", sys.argv[2],
+        "-kernel", info["kernel"], "-initrd", info["initrd"], "-append", info["cmdline"],
+        "-drive", "if=none,id=root,file=" + overlay + ",format=qcow2",
+        "-device", "virtio-blk-pci,drive=root,serial=" + info["root_serial"],
+        "-nic", "user,model=virtio-net-pci", "-serial", "stdio"]
+qemu = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+buf, sent, mark = b"", False, b"RAW-" + b"READY"
+try:
+    while True:
+        if time.monotonic() - start > 900:
+            sys.exit("no answer in 900 s")
+        ready, _, _ = select.select([qemu.stdout], [], [], 5)
+        if ready:
+            data = os.read(qemu.stdout.fileno(), 65536)
+            if not data:
+                sys.exit("qemu exited: " + buf[-300:].decode(errors="replace"))
+            buf = (buf + data)[-8192:]
+        if not sent and b"root@" in buf:
+            qemu.stdin.write(b"systemctl is-system-running --wait; echo RAW-''READY\n")
+            qemu.stdin.flush()
+            sent = True
+        if sent and mark in buf:
+            print(f"{time.monotonic() - start:.2f}")
+            break
+finally:
+    qemu.kill()
+    qemu.wait()
+    subprocess.run(["rm", "-rf", tmp])
+"""
+
+
+def raw_ready(tb: Testbed, cpus: int, ram: int) -> float:
+    res = tb.execute(["python3", "-c", RAW, str(cpus), str(ram)], timeout=1200)
+    if res.returncode != 0:
+        raise SystemExit(f"raw nested boot failed: {res.stderr.decode(errors='replace')}")
+    return float(res.stdout.decode().strip())
+
+
+def nestbed_vm(tb: Testbed) -> tuple[float, float]:
+    start = time.monotonic()
+    res = tb.execute(["nestbed-vm", "-v", "--timeout", "1200", "--", "true"], timeout=1300)
+    total = time.monotonic() - start
+    err = res.stderr.decode(errors="replace")
+    found = re.search(r"VM ready in ([0-9.]+) s", err)
+    if res.returncode != 0 or not found:
+        raise SystemExit(f"nestbed-vm failed ({res.returncode}): {err}")
+    return float(found.group(1)), total
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[1])
+    parser.add_argument("--image", type=Path, help="--nested image directory (default: cached)")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    image = ImagePaths.load(args.image) if args.image else ensure_image(BuildOptions(nested=True))
+
+    def med(values: list[float]) -> str:
+        runs = ", ".join(f"{v:.1f}" for v in values)
+        return f"{statistics.median(values):6.1f} s  (runs: {runs})"
+
+    tb = Testbed([SERVER, "--baseimage", str(image.directory)], log=lambda _line: None)
+    tb.start()
+    try:
+        opened = time.monotonic()
+        tb.open(timeout=1200)
+        print(f"level-1 testbed ready    {time.monotonic() - opened:6.1f} s", flush=True)
+        if "nested-kvm" not in tb.caps:
+            print("the level-1 testbed has no nested KVM: level 2 would be TCG in TCG")
+            return 1
+        raws: list[float] = []
+        readies: list[float] = []
+        totals: list[float] = []
+        for _ in range(args.runs):
+            raws.append(raw_ready(tb, 2, 1024))
+            ready, total = nestbed_vm(tb)
+            readies.append(ready)
+            totals.append(total)
+            print(f"  run: raw {raws[-1]:.1f} s, nestbed-vm ready {ready:.1f} s", flush=True)
+    finally:
+        tb.quit()
+    print(f"raw nested boot ready    {med(raws)}")
+    print(f"nestbed-vm ready         {med(readies)}")
+    print(f"nestbed-vm -- true       {med(totals)}  (start to exit, VM stopped)")
+    ratio = statistics.median(readies) / statistics.median(raws)
+    print(f"  ratio nestbed-vm ready / raw ready: {ratio:.2f} (goal <= 1.15)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The worked examples of nested testbeds (examples/nested-*) PASS as a user runs them:
+`nestbed [-U] -B examples/NAME -- qemu NESTED_IMAGE`, a level-1 testbed (TCG here) whose
+test boots a level-2 VM from the base image (KVM inside the TCG guest)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from nestbed.image import ImagePaths
+from tests_support import nestbed_argv
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize(
+    ("example", "options", "test", "says"),
+    [
+        ("nested-boot", [], "level2-kernel", "level-2 VM OK"),
+        # nfs-kernel-server comes from the archive: the image carries no package lists
+        ("nested-nfs", ["-U"], "nfs-kernel-client", "received 4 MiB from the level-2 VM"),
+        ("nested-recursive", [], "nestbed-in-nestbed", "the inner nestbed run passed"),
+    ],
+)
+def test_example_passes(
+    nested_image: ImagePaths, example: str, options: list[str], test: str, says: str
+) -> None:
+    res = subprocess.run(
+        [*nestbed_argv(), *options, "-B", str(EXAMPLES / example), "--",
+         "qemu", str(nested_image.directory)],
+        capture_output=True, text=True, timeout=3600,
+    )  # fmt: skip
+    tail = "\n".join(res.stderr.splitlines()[-40:])
+    assert res.returncode == 0, f"{res.stdout}\n{tail}"
+    assert re.search(rf"^{re.escape(test)} +PASS$", res.stdout, re.MULTILINE), res.stdout
+    assert says in res.stdout
