@@ -110,7 +110,9 @@ class Session:
                 env=self._server_hints(),
             )
             self.testbed.start()
-            self.testbed.open(timeout=self.options.timeouts.short)
+            # as autopkgtest: the virt server bounds its own boot (qemu: --timeout-reboot); a
+            # cold boot under emulation, or of a nested VM, takes longer than --timeout-short
+            self.testbed.open()
             self._after_open()
             for package in self.options.packages:
                 if package.kind == "binary":
