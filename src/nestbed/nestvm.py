@@ -95,6 +95,7 @@ class Options:
     copy_out: tuple[Copy, ...]
     show_boot: bool
     verbose: bool
+    debug: bool
 
 
 class _Parser(argparse.ArgumentParser):
@@ -169,6 +170,10 @@ def _parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true",
         help="say what happens (accelerator, timings) on stderr",
     )  # fmt: skip
+    parser.add_argument(
+        "--debug", action="store_true",
+        help="also the virt server's debugging output (its steps, with timings)",
+    )  # fmt: skip
     parser.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
@@ -205,7 +210,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         copy_in=tuple(args.copy_in),
         copy_out=tuple(args.copy_out),
         show_boot=args.show_boot,
-        verbose=args.verbose,
+        verbose=args.verbose or args.debug,
+        debug=args.debug,
     )
 
 
@@ -272,6 +278,8 @@ class NestedVM:
             argv += ["--qemu-options", self.opts.qemu_options]
         if self.opts.show_boot:
             argv.append("--show-boot")
+        if self.opts.debug:
+            argv.append("--debug")
         return [*argv, os.path.abspath(self.opts.image)]
 
     def boot(self) -> Testbed:
