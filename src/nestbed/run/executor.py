@@ -101,9 +101,10 @@ def test_script(test: TestSpec, env: TestEnvironment, timeout: int, reboot_mark:
     """The shell script that sets autopkgtest's documented environment and runs the test."""
     q = shlex.quote
     artifacts = env.artifacts_dir(test)
+    user = _user(test, env)
     lines = [
         "set -e",
-        "export USER=$(id -nu)",
+        f"export USER={q(user)}" if user else "export USER=$(id -nu)",
         ". /etc/profile >/dev/null 2>&1 || true",
         ". ~/.profile >/dev/null 2>&1 || true",
         f"mkdir -p -m 1777 -- {q(artifacts)}",
@@ -136,6 +137,13 @@ def test_script(test: TestSpec, env: TestEnvironment, timeout: int, reboot_mark:
     wrapper = [env.wrapper, env.wrapper_log(test), str(timeout), *argv]
     lines.append("exec " + " ".join(q(a) for a in wrapper))
     return "; ".join(lines)
+
+
+def _user(test: TestSpec, env: TestEnvironment) -> str | None:
+    """Who runs the test, when the runner chooses (None: whoever the testbed runs us as)."""
+    if not test.has("needs-root") and env.user:
+        return env.user
+    return "root" if env.root_on_testbed else None
 
 
 def _run_as(test: TestSpec, env: TestEnvironment) -> list[str]:
@@ -252,8 +260,8 @@ def run_test(
 
 def _with_cleanup(argv: list[str], paths: tuple[str, ...]) -> list[str]:
     """argv, run by a shell that first removes `paths` (as the exec prefix's user)."""
-    script = 'while [ "$1" != -- ]; do rm -rf -- "$1"; shift; done; shift; exec "$@"'
-    return ["sh", "-c", script, "sh", *paths, "--", *argv]
+    script = f'rm -rf -- {" ".join(shlex.quote(p) for p in paths)}; exec "$@"'
+    return ["sh", "-c", script, "sh", *argv]
 
 
 def _run_once(
