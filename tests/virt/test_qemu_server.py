@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from nestbed.errors import VirtServerError
 from nestbed.image import ImagePaths
 from nestbed.qemu.state import StateStore
 from nestbed.testbed.client import Testbed as Client
@@ -71,6 +72,10 @@ def test_copies_keep_modes_and_symlinks(testbed: Client, tmp_path: Path) -> None
     assert os.readlink(back / "link") == "sub/blob"
     testbed.copyup(f"{testbed.scratch}/single.txt", str(tmp_path / "one.txt"))
     assert (tmp_path / "one.txt").read_text() == "one\n"
+    # a path that is not there: that copy fails, the testbed stays up
+    with pytest.raises(VirtServerError, match="copyup of /nonexistent"):
+        testbed.copyup("/nonexistent", str(tmp_path / "none"))
+    assert testbed.execute(["true"]).returncode == 0
 
 
 def test_revert_gives_a_fresh_system_and_the_same_scratch(testbed: Client) -> None:

@@ -156,7 +156,9 @@ def stream(
                             return Outcome(result.get("status"), result.get("signal"), None)
                         elif t == T.ERROR:
                             message = str(json.loads(frame.payload).get("message", "error"))
-                            if message.startswith("cannot run"):
+                            # the request's own fault (no such command, no such path for
+                            # a copy): a failed command or copy, not a lost testbed
+                            if message.startswith(("cannot run", "get:", "put:")):
                                 return Outcome(None, None, message)
                             raise StreamError(message)
     finally:
