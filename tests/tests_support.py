@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,12 @@ def nestbed_argv() -> list[str]:
     found = str(beside) if beside.exists() else shutil.which("nestbed")
     assert found, "nestbed is not installed (pip install -e .)"
     return [found]
+
+
+def sha256(path: Path) -> str:
+    """A file's sha256, read in chunks (a disk image does not fit in memory)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_package(root: Path, tests: dict[str, str], control: str) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -14,16 +13,9 @@ import pytest
 
 from nestbed.image import ImagePaths
 from nestbed.qemu.machine import Machine, MachineConfig, MachineError
+from tests_support import sha256
 
 pytestmark = pytest.mark.vm
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

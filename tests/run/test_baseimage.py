@@ -4,7 +4,6 @@ file that decides whether the QEMU testbed exports it."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 from nestbed.image import ImagePaths
 from nestbed.run.options import PackageArg
 from nestbed.run.prescan import declared_restrictions
-from tests_support import nestbed_argv, write_package
+from tests_support import nestbed_argv, sha256, write_package
 
 NEEDS_BASEIMAGE = (
     "Test-Command: echo got base image\nFeatures: test-name=nested\n"
@@ -120,16 +119,11 @@ echo checked after reboot
 """
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 @pytest.mark.vm
 def test_qemu_exports_the_base_image_without_a_flag(
     nestbed_image: ImagePaths, tmp_path: Path
 ) -> None:
-    before = _sha256(nestbed_image.disk)
+    before = sha256(nestbed_image.disk)
     control = (
         "Tests: check\nRestrictions: needs-baseimage, needs-root, needs-reboot\n\n"
         "Test-Command: true\nFeatures: test-name=plain\n"
@@ -142,7 +136,7 @@ def test_qemu_exports_the_base_image_without_a_flag(
     assert "mark=none" in r.stdout and "mark=after-boot" in r.stdout
     assert "checked after reboot" in r.stdout
     assert "nested_kvm=1" in r.stdout  # TCG -cpu max emulates SVM: KVM works in the guest
-    assert _sha256(nestbed_image.disk) == before
+    assert sha256(nestbed_image.disk) == before
 
     refused = _run(
         ["-B", str(pkg), "--", "qemu", "--no-baseimage", str(nestbed_image.directory)],

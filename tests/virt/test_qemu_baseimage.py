@@ -5,7 +5,6 @@ seen, both kept after a revert and a reboot, and the base image never written.""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 from nestbed.image import ImagePaths
 from nestbed.image.cache import Manifest
 from nestbed.testbed.client import Testbed as Client
+from tests_support import sha256
 
 BIN = Path(sys.executable).parent
 SERVER = str(BIN / "nestbed-virt-qemu")
@@ -146,14 +146,6 @@ def test_runner_reports_bad_baseimage_in_one_line(tmp_path: Path) -> None:
 
 
 # ---- in a real guest ----------------------------------------------------------------------
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

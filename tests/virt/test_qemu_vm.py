@@ -3,7 +3,6 @@ base image never written, faults and kills leaving nothing behind, autopkgtest d
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from nestbed.image import ImagePaths
+from tests_support import sha256
 
 pytestmark = pytest.mark.vm
 
@@ -42,14 +42,6 @@ def nestbed(*args: str, timeout: float = RUN_TIMEOUT) -> tuple[int, str, str]:
         [NESTBED, *args], capture_output=True, text=True, timeout=timeout, check=False
     )
     return proc.returncode, proc.stdout, proc.stderr
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_package(top: Path, tests: dict[str, str]) -> Path:
