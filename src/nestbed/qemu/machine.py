@@ -98,6 +98,10 @@ def _opt(value: str | os.PathLike[str]) -> str:
     return os.fspath(value).replace(",", ",,")
 
 
+# a unix socket's address holds 107 bytes and a NUL; leave room for the longest name
+MAX_SOCKET_PATH = 100
+
+
 class Machine:
     def __init__(
         self,
@@ -110,6 +114,7 @@ class Machine:
         self._console_log = console_log
         self._tmp_parent = tmp_parent  # where the private temporary directory is made
         self._tmp: Path | None = None
+        self._sockets: Path | None = None  # where the unix sockets go: _tmp when short enough
         self._proc: subprocess.Popen[bytes] | None = None
         self._qemu_log: BinaryIO | None = None
         self._channel: Channel | None = None
@@ -126,17 +131,23 @@ class Machine:
         """A file in the machine's private temporary directory (removed at shutdown)."""
         return self._path(name)
 
+    def socket_path(self, name: str) -> Path:
+        """A unix socket of the machine's (removed at shutdown): in the private directory,
+        or, when that path is too long for a socket address, in a short private one."""
+        assert self._sockets is not None, "machine not launched"
+        return self._sockets / name
+
     @property
     def console_log(self) -> Path:
         return self._console_log or self._path("console.log")
 
     @property
     def control_socket(self) -> Path:
-        return self._path("control.sock")
+        return self.socket_path("control.sock")
 
     @property
     def qmp_socket(self) -> Path:
-        return self._path("qmp.sock")
+        return self.socket_path("qmp.sock")
 
     @property
     def overlay(self) -> Path:
@@ -180,11 +191,12 @@ class Machine:
     def shape(self) -> list[str]:
         """The command line with the per-run temporary directory blanked: what a saved
         machine state must match to be restored into this machine."""
-        saved, self._tmp = self._tmp, Path("/RUN")
+        saved = self._tmp, self._sockets
+        self._tmp = self._sockets = Path("/RUN")
         try:
             return self.argv()
         finally:
-            self._tmp = saved
+            self._tmp, self._sockets = saved
 
     # -- life cycle ---------------------------------------------------------------------
     def launch(
@@ -199,6 +211,9 @@ class Machine:
         deadline = time.monotonic() + timeout
         try:
             self._tmp = Path(tempfile.mkdtemp(prefix="nestbed-qemu-", dir=self._tmp_parent))
+            self._sockets = self._tmp
+            if len(os.fsencode(self._tmp / "control.sock")) > MAX_SOCKET_PATH:
+                self._sockets = Path(tempfile.mkdtemp(prefix="nestbed-q-", dir="/tmp"))
             c = self.config
             if c.unpack is not None:
                 self._boot_files = c.unpack(self._tmp)
@@ -345,10 +360,12 @@ class Machine:
                 if console.exists():
                     self.console_output = console.read_bytes()[-65536:].decode("utf-8", "replace")
             tmp, self._tmp = self._tmp, None
+            sockets, self._sockets = self._sockets, None
             self._boot_files = None
-            for entry in tmp.iterdir():
-                entry.unlink()
-            tmp.rmdir()
+            for directory in {tmp, sockets or tmp}:
+                for entry in directory.iterdir():
+                    entry.unlink()
+                directory.rmdir()
 
     def __enter__(self) -> Machine:
         self.launch()

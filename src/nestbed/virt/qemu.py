@@ -455,7 +455,7 @@ class QemuServer(VirtServer):
         with self.critical():
             self.mux = Mux(
                 machine.channel.sock,
-                machine.path("exec.sock"),
+                machine.socket_path("exec.sock"),
                 console_log=machine.console_log,
                 agent_path=machine.control_socket,
                 alive=lambda: machine.running,
