@@ -6,7 +6,12 @@ import hashlib
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+
+from nestbed.image import ImagePaths
+from nestbed.testbed.client import Testbed
 
 
 def nestbed_argv() -> list[str]:
@@ -15,6 +20,19 @@ def nestbed_argv() -> list[str]:
     found = str(beside) if beside.exists() else shutil.which("nestbed")
     assert found, "nestbed is not installed (pip install -e .)"
     return [found]
+
+
+@contextmanager
+def open_qemu_testbed(image: ImagePaths, env: Mapping[str, str] | None = None) -> Iterator[Testbed]:
+    """nestbed-virt-qemu of this environment on `image`, opened; quit afterwards."""
+    server = str(Path(sys.executable).parent / "nestbed-virt-qemu")
+    tb = Testbed([server, str(image.directory)], log=lambda _line: None, env=env)
+    tb.start()
+    try:
+        tb.open(timeout=400)
+        yield tb
+    finally:
+        tb.quit()
 
 
 def sha256(path: Path) -> str:

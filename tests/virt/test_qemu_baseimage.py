@@ -16,7 +16,7 @@ import pytest
 from nestbed.image import ImagePaths
 from nestbed.image.cache import Manifest
 from nestbed.testbed.client import Testbed as Client
-from tests_support import sha256
+from tests_support import open_qemu_testbed, sha256
 
 BIN = Path(sys.executable).parent
 SERVER = str(BIN / "nestbed-virt-qemu")
@@ -151,13 +151,8 @@ def test_runner_reports_bad_baseimage_in_one_line(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def exported(nestbed_image: ImagePaths) -> Iterator[Client]:
     """A testbed whose base image is exported by the runner's hint alone."""
-    tb = Client([SERVER, str(nestbed_image.directory)], log=lambda _line: None, env=HINT)
-    tb.start()
-    try:
-        tb.open(timeout=400)
+    with open_qemu_testbed(nestbed_image, env=HINT) as tb:
         yield tb
-    finally:
-        tb.quit()
 
 
 def sh(tb: Client, script: str) -> str:

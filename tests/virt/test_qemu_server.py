@@ -16,6 +16,7 @@ from nestbed.errors import VirtServerError
 from nestbed.image import ImagePaths
 from nestbed.qemu.state import StateStore
 from nestbed.testbed.client import Testbed as Client
+from tests_support import open_qemu_testbed
 
 pytestmark = pytest.mark.vm
 
@@ -24,13 +25,8 @@ SERVER = str(Path(sys.executable).parent / "nestbed-virt-qemu")
 
 @pytest.fixture(scope="module")
 def testbed(nestbed_image: ImagePaths) -> Iterator[Client]:
-    tb = Client([SERVER, str(nestbed_image.directory)], log=lambda _line: None)
-    tb.start()
-    try:
-        tb.open(timeout=400)
+    with open_qemu_testbed(nestbed_image) as tb:
         yield tb
-    finally:
-        tb.quit()
 
 
 def test_capabilities_and_exec_prefix(testbed: Client) -> None:
