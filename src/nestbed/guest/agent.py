@@ -27,8 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 PROTOCOL_VERSION = 1
 PORT_NAME = "org.nestbed.control"
@@ -65,8 +64,7 @@ class T(enum.IntEnum):
 NONCE_SIZE = 16
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(NamedTuple):
     type: int
     stream: int
     payload: bytes
@@ -133,14 +131,17 @@ class RequestError(Exception):
     """A request that cannot be carried out; becomes an ERROR frame."""
 
 
-@dataclass
 class Session:
-    stream: int
-    proc: subprocess.Popen[bytes]
-    stdin_buf: bytearray = field(default_factory=bytearray)
-    stdin_eof: bool = False  # the host has closed stdin (written once the buffer drains)
-    readers: dict[int, int] = field(default_factory=dict)  # fd -> STDOUT/STDERR
-    exited_at: float | None = None
+    """One running command. A plain class, not a dataclass: the agent must run on
+    python3-minimal (images from autopkgtest's builders), which has no dataclasses module."""
+
+    def __init__(self, stream: int, proc: subprocess.Popen[bytes]) -> None:
+        self.stream = stream
+        self.proc = proc
+        self.stdin_buf = bytearray()
+        self.stdin_eof = False  # the host has closed stdin (written once the buffer drains)
+        self.readers: dict[int, int] = {}  # fd -> STDOUT/STDERR
+        self.exited_at: float | None = None
 
 
 def _environment(request: dict[str, Any], user: pwd.struct_passwd | None) -> dict[str, str]:

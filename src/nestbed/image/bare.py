@@ -70,7 +70,7 @@ def load_bare_image(disk: Path, workdir: Path) -> ImagePaths:
         release=info["release"],
         arch=info["arch"],
         flavour=info["flavour"],
-        size=_size(disk),
+        size=disk_size(disk),
         created=str(info.get("created", "")),
         kernel_version=info["kernel_version"],
         cmdline=info["cmdline"],
@@ -86,8 +86,12 @@ def load_bare_image(disk: Path, workdir: Path) -> ImagePaths:
     return ImagePaths(workdir, manifest, disk_path=disk)
 
 
+class NotNestbedImage(ImageError):
+    """The disk is readable but holds no nestbed image (it may still be a bootable disk)."""
+
+
 def _not_nestbed(disk: Path) -> ImageError:
-    return ImageError(
+    return NotNestbedImage(
         f"{disk}: not a nestbed image (no {MANIFEST} beside it and no {IMAGE_JSON} inside)"
     )
 
@@ -157,7 +161,7 @@ def _dump(disk: Path, source: str, workdir: Path, name: str) -> None:
         raise ImageError(f"{disk}: {source} inside is missing or empty")
 
 
-def _size(disk: Path) -> int:
+def disk_size(disk: Path) -> int:
     """Size in bytes of a file or block device."""
     fd = os.open(disk, os.O_RDONLY | os.O_CLOEXEC)
     try:

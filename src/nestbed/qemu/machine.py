@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -37,6 +38,10 @@ from nestbed.image.cache import ImagePaths
 from nestbed.image.proc import CommandFailed, cmdline, run, spawn, stop
 
 BASE_SERIAL = "nestbed-base"
+SHELL_SOCKET = "ttyS1.sock"  # the second serial port, when the guest has a root shell there
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+BOOT_MODES = ("kernel", "bios", "efi")
 
 
 class MachineError(TestbedFailure):
@@ -74,6 +79,11 @@ class MachineConfig:
     # private temporary directory, puts them there (they go with it) and returns their paths;
     # raises MachineError when it cannot
     unpack: Callable[[Path], tuple[Path, Path]] | None = None
+    # "kernel": QEMU loads kernel and initrd (nestbed's images); "bios"/"efi": the disk's own
+    # bootloader, started by SeaBIOS or OVMF (images from other builders)
+    boot: str = "kernel"
+    # a second serial port (ttyS1) on a unix socket: autopkgtest-built images' root shell
+    serial_shell: bool = False
 
     @classmethod
     def for_image(cls, image: ImagePaths, *, base_image: bool = False, **kw: Any) -> MachineConfig:
@@ -150,8 +160,17 @@ class Machine:
         return self.socket_path("qmp.sock")
 
     @property
+    def shell_socket(self) -> Path:
+        return self.socket_path(SHELL_SOCKET)
+
+    @property
     def overlay(self) -> Path:
         return self._path("root.qcow2")
+
+    @property
+    def efi_vars(self) -> Path:
+        """The machine's own copy of OVMF's variable store (the firmware writes it)."""
+        return self._path("efivars.fd")
 
     @property
     def running(self) -> bool:
@@ -160,13 +179,29 @@ class Machine:
     # -- command line -------------------------------------------------------------------
     def argv(self) -> list[str]:
         c = self.config
-        kernel, initrd = self._boot_files or (c.kernel, c.initrd)
         argv = [
             c.qemu, "-nodefaults", "-no-user-config", "-display", "none",
             "-accel", c.accel, "-cpu", c.cpu, "-smp", str(c.cpus), "-m", str(c.memory_mb),
-            "-kernel", os.fspath(kernel), "-initrd", os.fspath(initrd), "-append", c.cmdline,
+        ]  # fmt: skip
+        if c.boot == "kernel":
+            kernel, initrd = self._boot_files or (c.kernel, c.initrd)
+            argv += [
+                "-kernel",
+                os.fspath(kernel),
+                "-initrd",
+                os.fspath(initrd),
+                "-append",
+                c.cmdline,
+            ]
+        elif c.boot == "efi":
+            argv += [
+                "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_opt(OVMF_CODE)}",
+                "-drive", f"if=pflash,format=raw,unit=1,file={_opt(self.efi_vars)}",
+            ]  # fmt: skip
+        firmware_boot = "" if c.boot == "kernel" else ",bootindex=0"
+        argv += [
             "-drive", f"if=none,id=root,file={_opt(self.overlay)},format=qcow2,discard=unmap",
-            "-device", f"virtio-blk-pci,drive=root,serial={_opt(c.root_serial)}",
+            "-device", f"virtio-blk-pci,drive=root,serial={_opt(c.root_serial)}{firmware_boot}",
         ]  # fmt: skip
         for i, d in enumerate(c.drives, 1):
             ro = ",readonly=on" if d.readonly else ""
@@ -181,6 +216,13 @@ class Machine:
             "-device", f"virtserialport,bus=vser0.0,chardev=control,name={_opt(c.agent_port)}",
             "-chardev", f"file,id=console,path={_opt(self.console_log)}",
             "-serial", "chardev:console",
+        ]  # fmt: skip
+        if c.serial_shell:
+            argv += [
+                "-chardev", f"socket,id=shell,path={_opt(self.shell_socket)},server=on,wait=off",
+                "-serial", "chardev:shell",
+            ]  # fmt: skip
+        argv += [
             "-qmp", f"unix:{_opt(self.qmp_socket)},server=on,wait=off",
             "-device", "virtio-rng-pci",
         ]  # fmt: skip
@@ -215,8 +257,17 @@ class Machine:
             if len(os.fsencode(self._tmp / "control.sock")) > MAX_SOCKET_PATH:
                 self._sockets = Path(tempfile.mkdtemp(prefix="nestbed-q-", dir="/tmp"))
             c = self.config
+            if c.boot not in BOOT_MODES:
+                raise MachineError(f"unknown boot mode {c.boot!r}")
             if c.unpack is not None:
                 self._boot_files = c.unpack(self._tmp)
+            if c.boot == "efi":
+                try:
+                    shutil.copyfile(OVMF_VARS, self.efi_vars)
+                except OSError as e:
+                    raise MachineError(
+                        f"EFI boot needs OVMF ({OVMF_VARS}: {e.strerror}; apt-get install ovmf)"
+                    ) from None
             run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", c.root_format,
                  "-b", c.root.absolute(), self.overlay])  # fmt: skip
             self._argv = self.argv()

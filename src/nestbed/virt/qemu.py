@@ -46,11 +46,13 @@ from nestbed.errors import NestbedError
 from nestbed.guest.agent import T
 from nestbed.guest.channel import ChannelError, _safe_extract
 from nestbed.image import bare as bare_mod
+from nestbed.image import foreign as foreign_mod
 from nestbed.image.cache import MANIFEST, ImagePaths
 from nestbed.qemu import accel as accel_mod
 from nestbed.qemu.execclient import StreamError, connect, helper_argv, stream
 from nestbed.qemu.machine import Drive, Machine, MachineConfig, MachineError
 from nestbed.qemu.mux import Mux, MuxDead
+from nestbed.qemu.shellboot import SerialShell
 from nestbed.qemu.state import ReadyState, StateStore, state_key
 from nestbed.testbed.protocol import (
     COPY_FAILED,
@@ -115,13 +117,12 @@ def default_ram_mb(meminfo: Path = Path("/proc/meminfo")) -> int:
 
 def _disk_format(path: Path) -> str:
     try:
-        with open(path, "rb") as f:
-            return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
-    except OSError as e:
-        raise ServerFailure(f"{path}: cannot read: {e.strerror}") from None
+        return foreign_mod.disk_format(path)
+    except NestbedError as e:
+        raise ServerFailure(str(e)) from None
 
 
-def _check_bare(disk: Path) -> ImagePaths:
+def _check_bare(disk: Path) -> ImagePaths:  # raises NotNestbedImage for other disks
     """Read a bare image once to find bad input before anything starts: into a temporary
     directory removed at once (signals wait until it is gone); every boot unpacks the kernel
     and initrd again into the machine's own directory, which goes with the machine."""
@@ -247,6 +248,28 @@ class QemuServer(VirtServer):
             "--overlay-dir", metavar="DIR", help="where the temporary overlay directory goes"
         )
         parser.add_argument(
+            "--boot",
+            choices=("auto", "bios", "efi"),
+            default="auto",
+            help="how a disk from another builder boots (auto: BIOS when its boot sector has "
+            "boot code, else EFI); nestbed's own images always boot their kernel directly",
+        )
+        parser.add_argument(
+            "--efi", dest="boot", action="store_const", const="efi", help="same as --boot=efi"
+        )
+        parser.add_argument(
+            "-u",
+            "--user",
+            help="user for tests without needs-root (default: nestbed in nestbed's images, "
+            "else the image's first user with uid 1000-59999)",
+        )
+        parser.add_argument(
+            "-p",
+            "--password",
+            help="accepted for autopkgtest compatibility and ignored: nestbed never logs in on "
+            "the console; an image not built by nestbed needs a root shell on ttyS1",
+        )
+        parser.add_argument(
             "--cold-boot",
             action="store_true",
             help="boot every testbed; neither use nor save a ready state",
@@ -273,13 +296,34 @@ class QemuServer(VirtServer):
         self.label = args.images[0]
         # a bare disk: no manifest.json beside it (/dev/baseimage in a nested testbed)
         self.bare = not first.is_dir() and not (first.parent / MANIFEST).is_file()
+        # a disk from another builder (autopkgtest's): its own bootloader, then nestbed's agent
+        # started through the root shell on ttyS1
+        self.foreign = False
+        boot = "kernel"
         started = time.monotonic()
         try:
-            self.image = _check_bare(first) if self.bare else ImagePaths.load(first)
+            if not self.bare:
+                self.image = ImagePaths.load(first)
+            else:
+                try:
+                    self.image = _check_bare(first)
+                except bare_mod.NotNestbedImage:
+                    self.image, boot = foreign_mod.load_foreign_image(first)
+                    self.foreign, self.bare = True, False
         except NestbedError as e:
             raise ServerFailure(str(e)) from None
         if self.bare:
             self.debug(f"{first}: a bare image, read in {time.monotonic() - started:.1f} s")
+        if self.foreign:
+            if args.boot != "auto":
+                boot = args.boot
+            self.debug(f"{first}: not a nestbed image: booting it with {boot.upper()} firmware")
+        elif args.boot != "auto":
+            raise ServerFailure(
+                f"--boot={args.boot}: {first} is a nestbed image, which boots its kernel directly"
+            )
+        if args.password is not None:
+            self.warn("--password is ignored: nestbed does not log in on the console")
         extra: list[Drive] = []
         for i, name in enumerate(args.images[1:], 1):
             path = Path(name)
@@ -315,10 +359,12 @@ class QemuServer(VirtServer):
             qemu=args.qemu_command,
             extra_args=tuple(shlex.split(args.qemu_options)),
             unpack=self._unpack if self.bare else None,
+            boot=boot,
+            serial_shell=self.foreign,
         )
         self.config = dataclasses.replace(self.config, drives=self.config.drives + tuple(extra))
         # a bare image boots cold every time: nothing reliable to key a saved state on
-        self.stateless = bool(args.cold_boot or self.bare)
+        self.stateless = bool(args.cold_boot or self.bare or self.foreign)
         self.states = StateStore(self.image.directory)
         # the machine's shape: its command line with the per-run paths left out
         self.shape = [
@@ -335,6 +381,8 @@ class QemuServer(VirtServer):
         # what the guest showed in the last probe (after boot, restore, reboot)
         self.guest_kvm = False
         self.base_seen: bool | None = None
+        self.serial_shell: SerialShell | None = None  # foreign images: the root shell on ttyS1
+        self.guest_user = ""  # foreign images: the first normal user the guest has
 
     # ---- capabilities and exec ------------------------------------------------------------
     def capabilities(self) -> list[str]:
@@ -344,8 +392,10 @@ class QemuServer(VirtServer):
             "root-on-testbed",
             "isolation-machine",
             "reboot",
-            f"suggested-normal-user={NORMAL_USER}",
         ]
+        user = self.args.user or (self.guest_user if self.foreign else NORMAL_USER)
+        if user:
+            caps.append(f"suggested-normal-user={user}")
         if self.base is not None and self.base_seen is not False:
             caps.append("baseimage")
         if self.guest_kvm:
@@ -425,10 +475,15 @@ class QemuServer(VirtServer):
             machine = Machine(config, tmp_parent=overlay_dir)
             self.machine = machine
         shower = _ConsoleShower(machine) if self.args.show_boot and state is None else None
+        before_connect: Callable[[float], None] | None = None
+        if state is not None:
+            before_connect = machine.resume_incoming
+        elif self.foreign:
+            before_connect = self._start_agent
         try:
             machine.launch(
                 timeout=self.args.timeout_reboot if state is None else 60,
-                before_connect=machine.resume_incoming if state is not None else None,
+                before_connect=before_connect,
             )
         except MachineError as e:
             what = "restore the saved state of" if state else "boot"
@@ -437,6 +492,19 @@ class QemuServer(VirtServer):
             if shower is not None:
                 shower.stop()
         self.boot_id = str(machine.channel.info.get("boot_id", ""))
+
+    def _start_agent(self, deadline: float, not_boot_id: str = "") -> None:
+        """A foreign image, after a boot: start nestbed's agent through the serial shell."""
+        machine = self.machine
+        assert machine is not None
+        if self.serial_shell is None:
+            self.serial_shell = SerialShell(machine.shell_socket, alive=lambda: machine.running)
+        started = time.monotonic()
+        facts = self.serial_shell.bring_up(
+            self.config.agent_port, deadline, not_boot_id=not_boot_id
+        )
+        self.guest_user = facts.normal_user
+        self.debug(f"agent started through the ttyS1 shell in {time.monotonic() - started:.1f} s")
 
     def _unpack(self, directory: Path) -> tuple[Path, Path]:
         """A bare image's kernel and initrd, read from its disk into the machine's directory."""
@@ -548,6 +616,9 @@ class QemuServer(VirtServer):
             self.warn(f"the guest finished booting in state {state!r}")
 
     def close_testbed(self) -> None:
+        if self.serial_shell is not None:
+            self.serial_shell.close()
+            self.serial_shell = None
         mux, self.mux = self.mux, None
         machine, self.machine = self.machine, None
         if mux is not None:
@@ -561,6 +632,11 @@ class QemuServer(VirtServer):
 
     def wait_reboot(self) -> None:
         mux = self._mux()
+        if self.foreign:  # nothing starts the agent at boot: the serial shell does, again
+            try:
+                self._start_agent(time.monotonic() + self.args.timeout_reboot, self.boot_id)
+            except MachineError as e:
+                raise ServerFailure(self._explain(f"the testbed did not come back: {e}")) from None
         try:
             info = mux.hello(self.args.timeout_reboot, not_boot_id=self.boot_id)
         except MuxDead as e:
