@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
+from autopkgtest_image import ensure_autopkgtest_image, missing_tools
 from nestbed.image import BuildOptions, ImagePaths, ensure_image
 from nestbed.image.cache import ImageCache
 from nestbed.image.progress import PlainProgress
@@ -23,6 +25,18 @@ def nestbed_image() -> ImagePaths:
 def nested_image() -> ImagePaths:
     """The --nested image (qemu and nestbed inside): what nested tests boot, built once."""
     return _cached_image(BuildOptions(nested=True))
+
+
+@pytest.fixture(scope="session")
+def autopkgtest_image() -> Path:
+    """An image laid out as autopkgtest-build-qemu's (BIOS, syslinux, setup-testbed's root
+    shell on ttyS1, no nestbed agent): the qcow2 disk, built once into the same cache."""
+    missing = missing_tools()
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (scripts/setup installs them)")
+    if os.geteuid() != 0:
+        pytest.skip("building the autopkgtest-style image needs root")
+    return ensure_autopkgtest_image()
 
 
 def _cached_image(options: BuildOptions) -> ImagePaths:

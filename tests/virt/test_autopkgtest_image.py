@@ -1,0 +1,180 @@
+"""The autopkgtest-style image (tests/autopkgtest_image.py): it boots from its own disk
+(firmware, syslinux, no -kernel) to setup-testbed's root shell on ttyS1, and autopkgtest's
+own QEMU testbed runs a package's test on it. TCG only: KVM hangs stock kernels here."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests_support import sha256, write_package
+
+pytestmark = pytest.mark.vm
+
+QEMU = "qemu-system-x86_64"
+MACHINE = ["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2"]
+SHELL_DEADLINE = 300.0
+AUTOPKGTEST_TIMEOUT = 1200
+
+WRAPPER = """#!/bin/sh
+# autopkgtest adds -enable-kvm when /dev/kvm exists, and KVM hangs stock kernels here:
+# drop its accelerator and CPU choices and run under TCG.
+set -eu
+for arg in "$@"; do
+    shift
+    if [ -n "${skip:-}" ]; then skip=; continue; fi
+    case "$arg" in
+        -enable-kvm) ;;
+        -accel|-cpu) skip=1 ;;
+        -accel=*|-cpu=*|--accel=*|--cpu=*) ;;
+        *) set -- "$@" "$arg" ;;
+    esac
+done
+exec qemu-system-x86_64 -accel tcg -cpu max "$@"
+"""
+
+
+class Serial:
+    """The host end of the guest's ttyS1 (a unix socket QEMU serves)."""
+
+    def __init__(self, path: Path, deadline: float) -> None:
+        self.buffer = b""
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def run(self, command: str, timeout: float = 30) -> str:
+        """command's output, through the shell (which echoes its input: the markers are
+        split by quotes in what is sent, whole only in what the shell prints)."""
+        line = f'echo "@@b""eg@@$({command})@@e""nd@@"'
+        m = self.ask(line, r"@@beg@@(.*?)@@end@@", timeout)
+        assert m is not None, f"no answer to {command!r}: {self.buffer!r}"
+        return m.group(1).decode(errors="replace")
+
+    def ask(self, line: str, pattern: str, timeout: float) -> re.Match[bytes] | None:
+        """Send line; the first match of pattern in what comes back within timeout."""
+        self.buffer = b""
+        self.sock.sendall(line.encode() + b"\n")
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self.sock.settimeout(max(0.05, end - time.monotonic()))
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                break
+            if not data:
+                break
+            self.buffer += data
+            m = re.search(pattern.encode(), self.buffer)
+            if m:
+                return m
+        return None
+
+
+@pytest.fixture
+def booted(autopkgtest_image: Path, tmp_path: Path) -> Iterator[tuple[Serial, Path, str]]:
+    """The image booted through a fresh overlay: (ttyS1, console log, image sha256 before)."""
+    before = sha256(autopkgtest_image)
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(autopkgtest_image),
+         str(overlay)],
+        check=True,
+    )  # fmt: skip
+    console = tmp_path / "console.log"
+    sock = tmp_path / "ttyS1.sock"
+    start = time.monotonic()
+    qemu = subprocess.Popen(
+        [QEMU, *MACHINE, "-display", "none", "-monitor", "none",
+         "-drive", f"file={overlay},format=qcow2,if=virtio",
+         "-nic", "user,model=virtio",
+         "-serial", f"file:{console}",
+         "-serial", f"unix:{sock},server=on,wait=off"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "qemu.stderr").open("wb"),
+    )  # fmt: skip
+    serial: Serial | None = None
+    try:
+        deadline = start + SHELL_DEADLINE
+        serial = Serial(sock, deadline)
+        while True:
+            assert qemu.poll() is None, (tmp_path / "qemu.stderr").read_text()
+            if serial.ask("echo o''k", r"\bok\b", timeout=5) is not None:
+                break
+            assert time.monotonic() < deadline, (
+                f"no root shell on ttyS1 in {SHELL_DEADLINE:.0f} s; console:\n"
+                + console.read_text(errors="replace")[-3000:]
+            )
+        seconds = time.monotonic() - start
+        sys.stderr.write(f"autopkgtest-style image: qemu start -> ttyS1 shell {seconds:.1f} s\n")
+        yield serial, console, before
+    finally:
+        if serial is not None:
+            serial.close()
+        qemu.kill()
+        qemu.wait()
+
+
+def test_boots_by_syslinux_to_a_root_shell_on_ttyS1(
+    autopkgtest_image: Path, booted: tuple[Serial, Path, str]
+) -> None:
+    serial, console, before = booted
+    assert serial.run("id -u") == "0"
+    # the kernel, its command line and the root file system are the disk's own
+    cmdline = serial.run("cat /proc/cmdline")
+    assert "initrd=/initrd.img" in cmdline and "root=UUID=" in cmdline
+    assert "console=ttyS0" in cmdline
+    fstype, options = serial.run("findmnt -no FSTYPE,OPTIONS /").split()
+    assert fstype == "ext4" and "rw" in options.split(",")
+    assert serial.run("systemctl is-active autopkgtest@ttyS1.service") == "active"
+    log = console.read_text(errors="replace")
+    assert "SYSLINUX" in log and "Loading /vmlinuz... ok" in log
+    assert "Linux version" in log
+    assert sha256(autopkgtest_image) == before
+
+
+@pytest.mark.autopkgtest
+def test_autopkgtest_qemu_testbed_runs_a_test(autopkgtest_image: Path, tmp_path: Path) -> None:
+    if not os.path.exists("/usr/bin/autopkgtest"):
+        pytest.skip("needs autopkgtest")
+    before = sha256(autopkgtest_image)
+    wrapper = tmp_path / "qemu-tcg"
+    wrapper.write_text(WRAPPER)
+    wrapper.chmod(0o755)
+    pkg = write_package(
+        tmp_path / "pkg",
+        {"smoke": '#!/bin/sh\nset -e\n[ "$(id -u)" = 0 ]\necho smoke-ran-as-root\n'},
+        "Tests: smoke\nDepends:\nRestrictions: needs-root\n",
+    )
+    start = time.monotonic()
+    proc = subprocess.run(
+        ["autopkgtest", "--no-built-binaries", "-o", str(tmp_path / "out"), str(pkg), "--",
+         "qemu", "--qemu-command", str(wrapper), "--ram-size", "2048", "--cpus", "2",
+         str(autopkgtest_image)],
+        capture_output=True, text=True, timeout=AUTOPKGTEST_TIMEOUT, check=False,
+    )  # fmt: skip
+    seconds = time.monotonic() - start
+    sys.stderr.write(f"autopkgtest-style image: autopkgtest qemu run {seconds:.1f} s\n")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"^smoke\s+PASS\b", proc.stdout, re.M), proc.stdout
+    assert "smoke-ran-as-root" in (tmp_path / "out" / "log").read_text(errors="replace")
+    assert sha256(autopkgtest_image) == before
