@@ -23,6 +23,9 @@ QEMU = "qemu-system-x86_64"
 MACHINE = ["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2"]
 SHELL_DEADLINE = 300.0
 AUTOPKGTEST_TIMEOUT = 1200
+# autopkgtest-virt-qemu waits 60 s for the login prompt by default: too short under TCG
+# on a shared 2-core machine
+BOOT_TIMEOUT = 300
 
 WRAPPER = """#!/bin/sh
 # autopkgtest adds -enable-kvm when /dev/kvm exists, and KVM hangs stock kernels here:
@@ -169,6 +172,7 @@ def test_autopkgtest_qemu_testbed_runs_a_test(autopkgtest_image: Path, tmp_path:
     proc = subprocess.run(
         ["autopkgtest", "--no-built-binaries", "-o", str(tmp_path / "out"), str(pkg), "--",
          "qemu", "--qemu-command", str(wrapper), "--ram-size", "2048", "--cpus", "2",
+         "--timeout-reboot", str(BOOT_TIMEOUT), "--show-boot",
          str(autopkgtest_image)],
         capture_output=True, text=True, timeout=AUTOPKGTEST_TIMEOUT, check=False,
     )  # fmt: skip
