@@ -70,3 +70,29 @@ def make_deb(directory: Path, name: str = "nestbed-fixture-bin") -> Path:
     deb = directory / f"{name}_1.0_all.deb"
     subprocess.run(["dpkg-deb", "-b", str(root), str(deb)], check=True, capture_output=True)
     return deb
+
+
+# A needs-reboot test (needs-root): reboots through autopkgtest-reboot, then through
+# autopkgtest-reboot-prepare + reboot; prints `run mark=M boot=ID` on each run.
+REBOOTER = r"""#!/bin/sh
+set -e
+boot=$(cat /proc/sys/kernel/random/boot_id)
+echo "run mark=${AUTOPKGTEST_REBOOT_MARK:-none} boot=$boot"
+case "${AUTOPKGTEST_REBOOT_MARK:-}" in
+    "")
+        echo first > "$AUTOPKGTEST_TMP/kept"
+        echo "$boot" > "$AUTOPKGTEST_ARTIFACTS/boots"
+        autopkgtest-reboot one
+        echo "not reached" ;;
+    one)
+        grep -qx first "$AUTOPKGTEST_TMP/kept"
+        grep -vqx "$boot" "$AUTOPKGTEST_ARTIFACTS/boots"
+        echo "$boot" >> "$AUTOPKGTEST_ARTIFACTS/boots"
+        /tmp/autopkgtest-reboot-prepare two
+        reboot
+        echo "not reached either" ;;
+    two)
+        echo "$boot" >> "$AUTOPKGTEST_ARTIFACTS/boots"
+        echo done ;;
+esac
+"""

@@ -10,30 +10,7 @@ from pathlib import Path
 import pytest
 
 from nestbed.image import ImagePaths
-from tests_support import nestbed_argv, write_package
-
-REBOOTER = r"""#!/bin/sh
-set -e
-boot=$(cat /proc/sys/kernel/random/boot_id)
-echo "run mark=${AUTOPKGTEST_REBOOT_MARK:-none} boot=$boot"
-case "${AUTOPKGTEST_REBOOT_MARK:-}" in
-    "")
-        echo first > "$AUTOPKGTEST_TMP/kept"
-        echo "$boot" > "$AUTOPKGTEST_ARTIFACTS/boots"
-        autopkgtest-reboot one
-        echo "not reached" ;;
-    one)
-        grep -qx first "$AUTOPKGTEST_TMP/kept"
-        grep -vqx "$boot" "$AUTOPKGTEST_ARTIFACTS/boots"
-        echo "$boot" >> "$AUTOPKGTEST_ARTIFACTS/boots"
-        /tmp/autopkgtest-reboot-prepare two
-        reboot
-        echo "not reached either" ;;
-    two)
-        echo "$boot" >> "$AUTOPKGTEST_ARTIFACTS/boots"
-        echo done ;;
-esac
-"""
+from tests_support import REBOOTER, nestbed_argv, write_package
 
 
 @pytest.mark.vm

@@ -2,7 +2,9 @@
 """nestbed's control agent: runs inside the guest, answers the host on a virtio-serial port.
 
 Stdlib only (Python >= 3.11), one file: the image builder copies it to
-/usr/lib/nestbed/agent.py and a systemd unit starts it at boot. The host side is
+/usr/lib/nestbed/agent.py and a systemd unit starts it at boot. In images from other
+builders the QEMU server copies it in at every boot (nestbed.qemu.shellboot); those may have
+only python3-minimal, so nothing beyond it is used but json, which is sent along. The host side is
 `nestbed.guest.channel`, which imports the frame format from this module so both ends
 share one definition. The protocol is documented in docs/agent.md.
 

@@ -52,7 +52,7 @@ def first_sector(disk: Path, fmt: str) -> bytes:
 
 
 def firmware_for(sector: bytes) -> str | None:
-    """"bios" or "efi" for a disk whose first sector is `sector`; None when it has no
+    """ "bios" or "efi" for a disk whose first sector is `sector`; None when it has no
     partition table at all (not a bootable disk)."""
     if len(sector) < SECTOR or sector[510:512] != b"\x55\xaa":
         return None

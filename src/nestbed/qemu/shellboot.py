@@ -30,7 +30,6 @@ import socket
 import tarfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from nestbed.guest import agent as agent_mod
@@ -42,7 +41,8 @@ PROBE_EVERY = 2.0  # seconds between readiness probes while the guest boots
 _KILL_LINE = b"\x15"  # ^U: VKILL in canonical mode
 
 # Runs in the guest's shell (dash) as one request; never `exit` (that ends the shell).
-# $1: the agent's virtio-serial port name. Prints `nestbed-agent-error: ...` or the pid.
+# $1: the agent's virtio-serial port name. Prints `nestbed-agent-error: ...` or
+# `nestbed-agent-running` once the agent has the port open.
 _START_AGENT = r"""
 nb_start() {
   if ! command -v python3 >/dev/null 2>&1; then
@@ -74,12 +74,7 @@ runpy.run_path("GUEST_DIR/agent.py", run_name="__main__")'
       return 1
     fi
     for nb_f in /proc/$nb_pid/fd/*; do
-      if [ "$(readlink "$nb_f")" = "$nb_port" ]; then
-        nb_user=$(getent passwd | sort -t: -k3,3n |
-          awk -F: '$3 >= 1000 && $3 < 60000 { print $1; exit }')
-        echo "nestbed-agent-user: $nb_user"
-        return 0
-      fi
+      if [ "$(readlink "$nb_f")" = "$nb_port" ]; then echo "nestbed-agent-running"; return 0; fi
     done
     nb_i=$((nb_i + 1)); sleep 0.1
   done
@@ -97,12 +92,6 @@ def agent_bundle() -> bytes:
         for source in sorted(json_dir.glob("*.py")):
             tf.add(source, arcname=f"lib/json/{source.name}")
     return buf.getvalue()
-
-
-@dataclass(frozen=True)
-class GuestShellFacts:
-    boot_id: str
-    normal_user: str  # the first user with 1000 <= uid < 60000; empty when there is none
 
 
 class SerialShell:
@@ -198,9 +187,8 @@ class SerialShell:
             raise MachineError(f"the serial shell did not finish a request in time: {self.tail()}")
         return int(found.group(2)), found.group(1).decode("utf-8", "replace")
 
-    def start_agent(self, port_name: str, deadline: float) -> str:
-        """Copy the agent into the guest and start it on the virtio-serial port `port_name`;
-        returns the guest's first normal user (empty if none)."""
+    def start_agent(self, port_name: str, deadline: float) -> None:
+        """Copy the agent into the guest and start it on the virtio-serial port `port_name`."""
         status, out = self.run(f"rm -rf {GUEST_DIR} && mkdir -m 700 {GUEST_DIR}", deadline)
         if status != 0:
             raise MachineError(f"cannot make {GUEST_DIR} in the guest: {out.strip()}")
@@ -212,15 +200,8 @@ class SerialShell:
             if status != 0:
                 raise MachineError(f"cannot copy nestbed's agent into the guest: {out.strip()}")
         status, out = self.run(f"{_START_AGENT}nb_start {port_name}", deadline)
-        if status == 0 and (user := re.search(r"nestbed-agent-user: *(\S*)", out)):
-            return user.group(1)
+        if status == 0 and "nestbed-agent-running" in out:
+            return
         error = re.search(r"nestbed-agent-error: *(.*)", out)
         detail = error.group(1).strip() if error else out.strip()[-300:]
         raise MachineError(f"cannot start nestbed's agent in the guest: {detail}")
-
-    def bring_up(
-        self, port_name: str, deadline: float, *, not_boot_id: str = ""
-    ) -> GuestShellFacts:
-        """After a boot: wait for the shell, then start the agent."""
-        boot_id = self.wait_ready(deadline, not_boot_id=not_boot_id)
-        return GuestShellFacts(boot_id, self.start_agent(port_name, deadline))

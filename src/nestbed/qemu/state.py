@@ -79,6 +79,15 @@ class StateStore:
         self.root = image_dir.parent / STATES_DIR
         self.prefix = image_dir.name
 
+    @classmethod
+    def for_disk(cls, cache_root: Path, disk: Path) -> StateStore:
+        """States of a disk that is not in nestbed's cache (an image from another builder):
+        kept in the cache, never beside the user's file."""
+        store = cls(cache_root / "foreign")
+        digest = hashlib.sha256(os.fsencode(disk.absolute())).hexdigest()[:12]
+        store.prefix = f"foreign-{digest}"
+        return store
+
     def path(self, key: str) -> Path:
         return self.root / f"{self.prefix}-{key}"
 

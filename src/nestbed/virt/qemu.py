@@ -19,7 +19,12 @@ never through the serial console. The exec prefix is a small helper
 (`nestbed.qemu.execclient`) that connects to this server's private unix socket; the server
 multiplexes all helpers onto the one agent channel (`nestbed.qemu.mux`). Copies are tar
 streams through the agent. Revert throws the overlay away and boots a fresh one; reboot
-waits for the agent of the next boot. docs/qemu.md has the details.
+waits for the agent of the next boot.
+
+A first IMAGE from another builder (autopkgtest-build-qemu's: a partitioned disk, raw or
+qcow2) boots through its own bootloader (SeaBIOS, or OVMF with --boot=efi); the agent is
+copied in and started through the root shell autopkgtest's setup-testbed starts on ttyS1
+(`nestbed.qemu.shellboot`), after every boot. docs/qemu.md has the details.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from nestbed.errors import NestbedError
 from nestbed.guest.agent import T
 from nestbed.guest.channel import ChannelError, _safe_extract
 from nestbed.image import bare as bare_mod
+from nestbed.image import cache as cache_mod
 from nestbed.image import foreign as foreign_mod
 from nestbed.image.cache import MANIFEST, ImagePaths
 from nestbed.qemu import accel as accel_mod
@@ -73,10 +79,16 @@ _PR_SET_PDEATHSIG = 1
 # What the server checks in the guest after every boot, restore and reboot, inside a
 # command it runs anyway (each guest exec costs 0.1-0.5 s under TCG): shell builtins only,
 # but for ln/mkdir when something is missing. $1 is the base image's disk serial, or empty
-# when it is not exported. Old images have no udev rule for /dev/baseimage: the disk is
-# found by its serial in sysfs (no waiting for udev); /lib/autopkgtest/baseimage is a
-# symlink to it on the root file system, so it survives reboots.
+# when it is not exported; $2 is 1 when the guest's normal user is wanted (an image not
+# built by nestbed has no `nestbed` user: the first with uid 1000-59999 is taken). Old
+# images have no udev rule for /dev/baseimage: the disk is found by its serial in sysfs (no
+# waiting for udev); /lib/autopkgtest/baseimage is a symlink to it on the root file system,
+# so it survives reboots.
 GUEST_PROBE = """
+if [ -n "$2" ]; then
+  echo "nestbed-probe:user=$(getent passwd | sort -t: -k3,3n |
+    awk -F: '$3 >= 1000 && $3 < 60000 { print $1; exit }')"
+fi
 kvm=0
 if [ -c /dev/kvm ] && { [ -d /sys/module/kvm_amd ] || [ -d /sys/module/kvm_intel ]; }; then
   if true 2>/dev/null <>/dev/kvm; then kvm=1; fi
@@ -364,8 +376,11 @@ class QemuServer(VirtServer):
         )
         self.config = dataclasses.replace(self.config, drives=self.config.drives + tuple(extra))
         # a bare image boots cold every time: nothing reliable to key a saved state on
-        self.stateless = bool(args.cold_boot or self.bare or self.foreign)
-        self.states = StateStore(self.image.directory)
+        self.stateless = bool(args.cold_boot or self.bare)
+        if self.foreign:
+            self.states = StateStore.for_disk(cache_mod.default_root(), self.image.disk)
+        else:
+            self.states = StateStore(self.image.directory)
         # the machine's shape: its command line with the per-run paths left out
         self.shape = [
             *Machine(dataclasses.replace(self.config, drives=())).shape(),
@@ -403,10 +418,13 @@ class QemuServer(VirtServer):
         return caps
 
     def _probe_args(self) -> list[str]:
-        return [self.base.serial if self.base is not None else ""]
+        # an image not built by nestbed: which user is its normal one (asked only there)
+        want_user = "1" if self.foreign and not self.args.user else ""
+        return [self.base.serial if self.base is not None else "", want_user]
 
     def _take_probe(self, found: dict[str, str]) -> None:
         self.guest_kvm = found.get("kvm") == "1"
+        self.guest_user = found.get("user", self.guest_user)
         if self.base is None:
             return
         seen = found.get("baseimage") == "ok"
@@ -500,11 +518,13 @@ class QemuServer(VirtServer):
         if self.serial_shell is None:
             self.serial_shell = SerialShell(machine.shell_socket, alive=lambda: machine.running)
         started = time.monotonic()
-        facts = self.serial_shell.bring_up(
-            self.config.agent_port, deadline, not_boot_id=not_boot_id
+        self.serial_shell.wait_ready(deadline, not_boot_id=not_boot_id)
+        answered = time.monotonic()
+        self.serial_shell.start_agent(self.config.agent_port, deadline)
+        self.debug(
+            f"root shell on ttyS1 answered after {answered - started:.1f} s; agent copied"
+            f" and started through it in {time.monotonic() - answered:.1f} s"
         )
-        self.guest_user = facts.normal_user
-        self.debug(f"agent started through the ttyS1 shell in {time.monotonic() - started:.1f} s")
 
     def _unpack(self, directory: Path) -> tuple[Path, Path]:
         """A bare image's kernel and initrd, read from its disk into the machine's directory."""
