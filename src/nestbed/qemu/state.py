@@ -15,7 +15,9 @@ formats, extra options). A state whose key does not match is never looked up; on
 fails to restore is removed by the caller and replaced by a cold boot.
 
 States are saved into a staging directory and renamed into place, so a reader sees a
-complete state or none; two testbeds saving at once keep the first.
+complete state or none; two testbeds saving at once keep the first. Each save also removes
+the states that can never be restored again -- their base disk is gone, or was rebuilt after
+they were saved (a state is ~200-400 MB) -- found by the `disk` their meta.json names.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from nestbed.image.cache import DISK as IMAGE_DISK
 
 STATES_DIR = ".states"
 DISK = "disk.qcow2"
@@ -125,7 +129,36 @@ class StateStore:
             staging.rename(self.path(key))
         except OSError:  # someone else saved it first: theirs is as good
             self.discard(staging)
+        self.prune()
         return self.lookup(key)
+
+    def prune(self) -> list[Path]:
+        """Remove every state in this store's directory whose base disk no longer exists or
+        changed after the save (so no key can ever match it again); the ones removed."""
+        removed = []
+        for d in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            if d.name.startswith(".") or not d.is_dir():
+                continue
+            try:
+                meta = json.loads((d / META).read_text())
+                saved = float(meta["saved"])
+                # states saved before they named their disk: the image directory's disk
+                disk = meta.get("disk") or os.path.join(meta["image"], IMAGE_DISK)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # nothing says which disk it needs: left alone
+            try:
+                stale = os.stat(disk).st_mtime > saved
+            except FileNotFoundError:
+                stale = True
+            except OSError:
+                continue
+            if stale:
+                trash = self.root / f".stale-{os.getpid()}-{d.name}"
+                with contextlib.suppress(OSError):
+                    d.rename(trash)
+                    self.discard(trash)
+                    removed.append(d)
+        return removed
 
     @staticmethod
     def discard(directory: Path) -> None:

@@ -568,7 +568,11 @@ class QemuServer(VirtServer):
             self.mux = None
             machine.save_state(staging / "state.bin")
             shutil.copyfile(machine.overlay, staging / "disk.qcow2")
-            facts: dict[str, object] = {"image": str(self.image.directory), "shape": self.shape}
+            facts: dict[str, object] = {
+                "image": str(self.image.directory),
+                "disk": str(self.image.disk.absolute()),  # states of a rebuilt disk are pruned
+                "shape": self.shape,
+            }
             state = self.states.commit(staging, self.state_key, facts)
         except BaseException as e:  # a signal too: no half-saved state left in the cache
             self.states.discard(staging)
