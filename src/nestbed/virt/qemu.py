@@ -300,7 +300,14 @@ class QemuServer(VirtServer):
             action="store_true",
             help="never export the base image (not even when a test needs it)",
         )
-        parser.add_argument("images", nargs="+", metavar="IMAGE", help="image(s); first boots")
+        parser.add_argument(
+            "images",
+            nargs="+",
+            metavar="IMAGE",
+            help="the first boots: a nestbed image (its directory or disk.img), a bare nestbed "
+            "disk, or a disk from autopkgtest's builders (root shell on ttyS1); the others are "
+            "attached read-only",
+        )
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
