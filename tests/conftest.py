@@ -31,12 +31,25 @@ def nested_image() -> ImagePaths:
 def autopkgtest_image() -> Path:
     """An image laid out as autopkgtest-build-qemu's (BIOS, syslinux, setup-testbed's root
     shell on ttyS1, no nestbed agent): the qcow2 disk, built once into the same cache."""
-    missing = missing_tools()
+    _skip_unless_autopkgtest_image_builds(efi=False)
+    return ensure_autopkgtest_image()
+
+
+@pytest.fixture(scope="session")
+def autopkgtest_efi_image() -> Path:
+    """The same system as autopkgtest_image on an EFI-only disk, as the newer
+    mmdebstrap-autopkgtest-build-qemu makes: GPT, an EFI system partition with systemd-boot,
+    no BIOS boot code. The qcow2 disk, built once into the same cache."""
+    _skip_unless_autopkgtest_image_builds(efi=True)
+    return ensure_autopkgtest_image(efi=True)
+
+
+def _skip_unless_autopkgtest_image_builds(*, efi: bool) -> None:
+    missing = missing_tools(efi=efi)
     if missing:
         pytest.skip(f"needs {', '.join(missing)} (scripts/setup installs them)")
     if os.geteuid() != 0:
         pytest.skip("building the autopkgtest-style image needs root")
-    return ensure_autopkgtest_image()
 
 
 def _cached_image(options: BuildOptions) -> ImagePaths:

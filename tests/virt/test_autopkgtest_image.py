@@ -1,11 +1,14 @@
-"""The autopkgtest-style image (tests/autopkgtest_image.py): it boots from its own disk
-(firmware, syslinux, no -kernel) to setup-testbed's root shell on ttyS1, and autopkgtest's
-own QEMU testbed runs a package's test on it. TCG only: KVM hangs stock kernels here."""
+"""The autopkgtest-style images (tests/autopkgtest_image.py): the BIOS one boots from its
+own disk (SeaBIOS, syslinux, no -kernel) to setup-testbed's root shell on ttyS1, and
+autopkgtest's own QEMU testbed runs a package's test on it; the EFI-only one boots the same
+way through OVMF and systemd-boot. TCG only: KVM hangs stock kernels here."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from nestbed.image.foreign import firmware_for, first_sector
+from nestbed.qemu.machine import OVMF_CODE, OVMF_VARS
 from tests_support import sha256, write_package
 
 pytestmark = pytest.mark.vm
@@ -92,13 +97,16 @@ class Serial:
         return None
 
 
-@pytest.fixture
-def booted(autopkgtest_image: Path, tmp_path: Path) -> Iterator[tuple[Serial, Path, str]]:
-    """The image booted through a fresh overlay: (ttyS1, console log, image sha256 before)."""
-    before = sha256(autopkgtest_image)
+@contextlib.contextmanager
+def _boot(
+    image: Path, tmp_path: Path, firmware: list[str], what: str
+) -> Iterator[tuple[Serial, Path, str]]:
+    """image booted (with firmware's QEMU options) through a fresh overlay: (ttyS1, console
+    log, image sha256 before)."""
+    before = sha256(image)
     overlay = tmp_path / "overlay.qcow2"
     subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(autopkgtest_image),
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image),
          str(overlay)],
         check=True,
     )  # fmt: skip
@@ -106,7 +114,7 @@ def booted(autopkgtest_image: Path, tmp_path: Path) -> Iterator[tuple[Serial, Pa
     sock = tmp_path / "ttyS1.sock"
     start = time.monotonic()
     qemu = subprocess.Popen(
-        [QEMU, *MACHINE, "-display", "none", "-monitor", "none",
+        [QEMU, *MACHINE, *firmware, "-display", "none", "-monitor", "none",
          "-drive", f"file={overlay},format=qcow2,if=virtio",
          "-nic", "user,model=virtio",
          "-serial", f"file:{console}",
@@ -128,13 +136,36 @@ def booted(autopkgtest_image: Path, tmp_path: Path) -> Iterator[tuple[Serial, Pa
                 + console.read_text(errors="replace")[-3000:]
             )
         seconds = time.monotonic() - start
-        sys.stderr.write(f"autopkgtest-style image: qemu start -> ttyS1 shell {seconds:.1f} s\n")
+        sys.stderr.write(f"{what}: qemu start -> ttyS1 shell {seconds:.1f} s\n")
         yield serial, console, before
     finally:
         if serial is not None:
             serial.close()
         qemu.kill()
         qemu.wait()
+
+
+@pytest.fixture
+def booted(autopkgtest_image: Path, tmp_path: Path) -> Iterator[tuple[Serial, Path, str]]:
+    """The BIOS image booted by SeaBIOS through a fresh overlay."""
+    with _boot(autopkgtest_image, tmp_path, [], "autopkgtest-style image") as booted:
+        yield booted
+
+
+@pytest.fixture
+def booted_efi(autopkgtest_efi_image: Path, tmp_path: Path) -> Iterator[tuple[Serial, Path, str]]:
+    """The EFI-only image booted by OVMF (code read-only, a fresh copy of its variable
+    store, machine type pc) through a fresh overlay."""
+    if not (OVMF_CODE.exists() and OVMF_VARS.exists()):
+        pytest.skip(f"needs {OVMF_CODE} and {OVMF_VARS} (apt-get install ovmf)")
+    efi_vars = tmp_path / "OVMF_VARS.fd"
+    shutil.copyfile(OVMF_VARS, efi_vars)
+    firmware = [
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+        "-drive", f"if=pflash,format=raw,unit=1,file={efi_vars}",
+    ]  # fmt: skip
+    with _boot(autopkgtest_efi_image, tmp_path, firmware, "autopkgtest-style EFI image") as b:
+        yield b
 
 
 def test_boots_by_syslinux_to_a_root_shell_on_ttyS1(
@@ -153,6 +184,39 @@ def test_boots_by_syslinux_to_a_root_shell_on_ttyS1(
     assert "SYSLINUX" in log and "Loading /vmlinuz... ok" in log
     assert "Linux version" in log
     assert sha256(autopkgtest_image) == before
+
+
+def test_efi_image_boots_by_ovmf_and_systemd_boot_to_a_root_shell_on_ttyS1(
+    autopkgtest_efi_image: Path, booted_efi: tuple[Serial, Path, str]
+) -> None:
+    serial, console, before = booted_efi
+    assert serial.run("id -u") == "0"
+    # booted by the firmware's EFI, and by systemd-boot from its entry: systemd-boot's EFI
+    # variables (UTF-16 strings after 4 bytes of attributes: printable characters kept)
+    assert serial.run("test -d /sys/firmware/efi && echo efi") == "efi"
+    efivars = "/sys/firmware/efi/efivars"
+    loader = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
+    info = serial.run(f"tr -cd '[:print:]' < {efivars}/LoaderInfo-{loader}")
+    assert info.startswith("systemd-boot"), info
+    entry = serial.run(f"tr -cd '[:print:]' < {efivars}/LoaderEntrySelected-{loader}")
+    assert entry == "debian.conf", entry
+    cmdline = serial.run("cat /proc/cmdline")
+    # systemd-boot passes the entry's initrd on the command line too
+    assert cmdline.startswith("initrd=\\initrd.img ")
+    assert "root=UUID=" in cmdline and "console=ttyS0" in cmdline
+    fstype, options = serial.run("findmnt -no FSTYPE,OPTIONS /").split()
+    assert fstype == "ext4" and "rw" in options.split(",")
+    assert serial.run("systemctl is-active autopkgtest@ttyS1.service") == "active"
+    assert "Linux version" in console.read_text(errors="replace")
+    assert sha256(autopkgtest_efi_image) == before
+
+
+def test_firmware_for_tells_the_two_images_apart(
+    autopkgtest_image: Path, autopkgtest_efi_image: Path
+) -> None:
+    # what nestbed-virt-qemu --boot=auto decides from the first sector
+    assert firmware_for(first_sector(autopkgtest_image, "qcow2")) == "bios"
+    assert firmware_for(first_sector(autopkgtest_efi_image, "qcow2")) == "efi"
 
 
 @pytest.mark.autopkgtest
