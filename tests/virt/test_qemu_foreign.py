@@ -132,3 +132,17 @@ def test_a_disk_without_a_root_shell_is_a_testbed_failure_in_bounded_time(
     assert "no root shell answered on the second serial port (ttyS1)" in r.stdout + r.stderr
     assert "Traceback" not in r.stderr
     assert not any(overlays.iterdir())
+
+
+def test_an_efi_only_disk_boots_with_ovmf(autopkgtest_efi_image: Path, tmp_path: Path) -> None:
+    """--boot=auto sees a GPT disk with no BIOS boot code and boots it with OVMF (as
+    autopkgtest's newer builder makes them); the test runs in an EFI-booted guest."""
+    pkg = write_package(
+        tmp_path / "pkg",
+        {"efi": "#!/bin/sh\nset -e\ntest -d /sys/firmware/efi\necho booted-by-efi\n"},
+        "Tests: efi\nDepends:\n",
+    )
+    r = nestbed("-B", str(pkg), "--", "qemu", str(autopkgtest_efi_image))
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert results(r.stdout) == ["efi PASS"]
+    assert "booted-by-efi" in r.stdout
