@@ -126,7 +126,10 @@ def test_a_disk_that_is_not_a_nestbed_image_is_one_line(tmp_path: Path) -> None:
     private_tmp.mkdir()
     env = {**NO_HINT, "TMPDIR": str(private_tmp)}
     line = server_fails(str(plain), env=env)
-    assert line.startswith(f"nestbed-virt-qemu: {plain}: not a nestbed image"), line
+    # no partition table either: not booted as a disk from another builder
+    assert line.startswith(
+        f"nestbed-virt-qemu: {plain}: neither a nestbed image nor a bootable disk"
+    ), line
     line = server_fails(str(tmp_path / "missing.img"), env=env)
     assert line == f"nestbed-virt-qemu: {tmp_path}/missing.img: no such file or device"
     assert not list(private_tmp.iterdir())  # the bare image's work dir is gone
