@@ -108,6 +108,11 @@ def _opt(value: str | os.PathLike[str]) -> str:
     return os.fspath(value).replace(",", ",,")
 
 
+def tail_lines(text: str, lines: int) -> str:
+    """The last `lines` lines of `text`, blank ones dropped, on one line: for error messages."""
+    return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
+
+
 # a unix socket's address holds 107 bytes and a NUL; leave room for the longest name
 MAX_SOCKET_PATH = 100
 
@@ -324,8 +329,7 @@ class Machine:
     def _tail(path: Path | None, lines: int) -> str:
         if path is None or not path.exists():
             return ""
-        text = path.read_bytes()[-8192:].decode("utf-8", "replace")
-        return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
+        return tail_lines(path.read_bytes()[-8192:].decode("utf-8", "replace"), lines)
 
     @property
     def channel(self) -> Channel:

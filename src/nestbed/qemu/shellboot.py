@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nestbed.guest import agent as agent_mod
-from nestbed.qemu.machine import MachineError
+from nestbed.qemu.machine import MachineError, tail_lines
 
 GUEST_DIR = "/run/nestbed-agent"
 CHUNK_LINES = 100  # base64 lines (76 characters) per acknowledged here-document
@@ -154,8 +154,7 @@ class SerialShell:
             self.transcript = (self.transcript + data)[-8192:]
 
     def tail(self, lines: int = 5) -> str:
-        text = self.transcript.decode("utf-8", "replace")
-        return " | ".join(s.strip() for s in text.splitlines()[-lines:] if s.strip())
+        return tail_lines(self.transcript.decode("utf-8", "replace"), lines)
 
     def wait_ready(self, deadline: float, *, not_boot_id: str = "") -> str:
         """Probe until the shell answers from a boot other than `not_boot_id` (so the old

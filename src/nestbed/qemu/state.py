@@ -152,12 +152,8 @@ class StateStore:
                 stale = True
             except OSError:
                 continue
-            if stale:
-                trash = self.root / f".stale-{os.getpid()}-{d.name}"
-                with contextlib.suppress(OSError):
-                    d.rename(trash)
-                    self.discard(trash)
-                    removed.append(d)
+            if stale and self._take_away(d):
+                removed.append(d)
         return removed
 
     @staticmethod
@@ -165,9 +161,16 @@ class StateStore:
         shutil.rmtree(directory, ignore_errors=True)
 
     def remove(self, key: str) -> None:
-        """Drop a state that failed to restore (renamed away first: readers see none)."""
-        d = self.path(key)
+        """Drop a state that failed to restore."""
+        self._take_away(self.path(key))
+
+    def _take_away(self, d: Path) -> bool:
+        """Rename a state away (readers see none from then on), then delete it; False when
+        it could not be renamed (gone already, or taken by someone else)."""
         trash = self.root / f".stale-{os.getpid()}-{d.name}"
-        with contextlib.suppress(OSError):
+        try:
             d.rename(trash)
+        except OSError:
+            return False
         self.discard(trash)
+        return True
