@@ -187,6 +187,10 @@ class Machine:
         argv = [
             c.qemu, "-nodefaults", "-no-user-config", "-display", "none",
             "-accel", c.accel, "-cpu", c.cpu, "-smp", str(c.cpus), "-m", str(c.memory_mb),
+            # a guest reset nobody asked for (a triple fault, a crash that reboots) ends QEMU,
+            # so it is a prompt testbed failure instead of commands waiting on a fresh boot;
+            # allow_guest_reboot() lets an expected reboot through
+            "-action", "reboot=shutdown",
         ]  # fmt: skip
         if c.boot == "kernel":
             kernel, initrd = self._boot_files or (c.kernel, c.initrd)
@@ -308,6 +312,17 @@ class Machine:
             except ChannelError:
                 continue
 
+    def exit_note(self) -> str:
+        """Why QEMU is gone, for messages ("" while it runs or before it started)."""
+        rc = None if self._proc is None else self._proc.poll()
+        if rc is None:
+            return ""
+        if rc == 0:  # -action reboot=shutdown, or the guest powered off
+            return "QEMU ended: the guest reset or powered off by itself, no reboot was requested"
+        if rc < 0:
+            return f"QEMU was killed by signal {-rc}"
+        return f"QEMU exited with status {rc}"
+
     def _check_alive(self, what: str) -> None:
         if self._proc is None or self._proc.poll() is not None:
             raise MachineError(what)
@@ -354,6 +369,10 @@ class Machine:
                 if "error" in reply:
                     raise MachineError(f"QMP {cmd}: {reply['error'].get('desc')}")
             return reply["return"]
+
+    def allow_guest_reboot(self, allowed: bool) -> None:
+        """Let a guest reboot reset the machine (True) or end QEMU (False, the default)."""
+        self.qmp("set-action", reboot="reset" if allowed else "shutdown")
 
     def save_state(self, path: Path, timeout: float = 120.0) -> None:
         """Pause the guest and write its migration stream to `path`; the guest stays paused

@@ -62,10 +62,12 @@ class Mux:
         *,
         agent_path: Path | None = None,
         alive: Callable[[], bool] | None = None,
+        exit_note: Callable[[], str] | None = None,
     ) -> None:
         self._agent = agent
         self._agent_path = agent_path  # to reconnect when QEMU drops the connection
         self._alive = alive
+        self._exit_note = exit_note  # why QEMU is gone, once it is
         self._own_agent = False  # a reconnected socket is ours to close
         self._agent.setblocking(False)
         self._agent_out = bytearray()
@@ -210,6 +212,11 @@ class Mux:
         with contextlib.suppress(OSError):
             self._listener.close()
         for c in list(self._clients):
+            # the reason, not just a closed socket: the helper prints it for the user
+            for cs in c.streams:
+                c.out += encode_json(T.ERROR, cs, {"message": f"lost the testbed: {why}"})
+            with contextlib.suppress(OSError):
+                c.sock.send(c.out)
             self._drop(c)
         self._hello_done.set()
 
@@ -234,7 +241,9 @@ class Mux:
             return
         if not data:
             if not self._reconnect():
-                self._die("the control channel closed (QEMU exited?)")
+                self._check_console()  # a panic that ended QEMU is the better reason
+                note = self._exit_note() if self._exit_note else ""
+                self._die(f"the control channel closed ({note or 'QEMU exited?'})")
             return
         for frame in self._decoder.feed(data):
             if frame.stream == 0:

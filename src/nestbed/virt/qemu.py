@@ -554,6 +554,7 @@ class QemuServer(VirtServer):
                 console_log=machine.console_log,
                 agent_path=machine.control_socket,
                 alive=lambda: machine.running,
+                exit_note=machine.exit_note,
             )
             self.mux.start()
 
@@ -661,6 +662,20 @@ class QemuServer(VirtServer):
         self.close_testbed()
         return self.open_testbed(scratch)
 
+    def save_scratch_for_reboot(self, scratch: str) -> None:
+        # the reboot may come as soon as the scratch is saved (autopkgtest-reboot-prepare):
+        # from here until the guest is back, a guest reboot is expected, not a fault
+        self._allow_guest_reboot(True)
+        super().save_scratch_for_reboot(scratch)
+
+    def _allow_guest_reboot(self, allowed: bool) -> None:
+        if self.machine is None:
+            raise ServerFailure("no testbed is open")
+        try:
+            self.machine.allow_guest_reboot(allowed)
+        except (OSError, ValueError, MachineError) as e:
+            raise ServerFailure(self._explain(f"QEMU refused the reboot action: {e}")) from None
+
     def wait_reboot(self) -> None:
         mux = self._mux()
         if self.foreign:  # nothing starts the agent at boot: the serial shell does, again
@@ -673,11 +688,14 @@ class QemuServer(VirtServer):
         except MuxDead as e:
             raise ServerFailure(self._explain(f"the testbed did not come back: {e}")) from None
         self.boot_id = str(info.get("boot_id", ""))
+        self._allow_guest_reboot(False)
         self._wait_system_running()
 
     def _explain(self, what: str) -> str:
         tail = ""
         if self.machine is not None:
+            if note := self.machine.exit_note():
+                what = f"{what}; {note}"
             with contextlib.suppress(OSError):
                 text = self.machine.console_log.read_bytes()[-4096:].decode("utf-8", "replace")
                 lines = [line.strip() for line in text.splitlines() if line.strip()][-5:]
