@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nestbed.image import ImagePaths
-from tests_support import nestbed_argv
+from tests_support import nestbed_argv, once_more_after_a_level1_fault
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -29,11 +29,11 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 def test_example_passes(
     nested_image: ImagePaths, example: str, options: list[str], test: str, says: str
 ) -> None:
-    res = subprocess.run(
-        [*nestbed_argv(), *options, "-B", str(EXAMPLES / example), "--",
-         "qemu", str(nested_image.directory)],
-        capture_output=True, text=True, timeout=3600,
-    )  # fmt: skip
+    argv = [*nestbed_argv(), *options, "-B", str(EXAMPLES / example), "--",
+            "qemu", str(nested_image.directory)]  # fmt: skip
+    res = once_more_after_a_level1_fault(
+        lambda: subprocess.run(argv, capture_output=True, text=True, timeout=1500)
+    )
     tail = "\n".join(res.stderr.splitlines()[-40:])
     assert res.returncode == 0, f"{res.stdout}\n{tail}"
     assert re.search(rf"^{re.escape(test)} +PASS$", res.stdout, re.MULTILINE), res.stdout
