@@ -187,11 +187,14 @@ class Machine:
         argv = [
             c.qemu, "-nodefaults", "-no-user-config", "-display", "none",
             "-accel", c.accel, "-cpu", c.cpu, "-smp", str(c.cpus), "-m", str(c.memory_mb),
+        ]  # fmt: skip
+        if c.boot == "kernel":
             # a guest reset nobody asked for (a triple fault, a crash that reboots) ends QEMU,
             # so it is a prompt testbed failure instead of commands waiting on a fresh boot;
-            # allow_guest_reboot() lets an expected reboot through
-            "-action", "reboot=shutdown",
-        ]  # fmt: skip
+            # allow_guest_reboot() lets an expected reboot through. A firmware boot may reset
+            # on its own (OVMF does, on first boot with fresh variables): launch() sets this
+            # once the agent answers.
+            argv += ["-action", "reboot=shutdown"]
         if c.boot == "kernel":
             kernel, initrd = self._boot_files or (c.kernel, c.initrd)
             argv += [
@@ -290,6 +293,8 @@ class Machine:
             if before_connect is not None:
                 before_connect(deadline)
             self._connect(deadline)
+            if c.boot != "kernel":  # booted: from here on a reset is a fault (see argv)
+                self.allow_guest_reboot(False)
         except CommandFailed as e:
             self._post_shutdown()
             raise MachineError(f"cannot create the overlay: {e}") from None
@@ -372,7 +377,10 @@ class Machine:
 
     def allow_guest_reboot(self, allowed: bool) -> None:
         """Let a guest reboot reset the machine (True) or end QEMU (False, the default)."""
-        self.qmp("set-action", reboot="reset" if allowed else "shutdown")
+        try:
+            self.qmp("set-action", reboot="reset" if allowed else "shutdown")
+        except (OSError, ValueError) as e:
+            raise MachineError(f"QMP set-action: {e}") from None
 
     def save_state(self, path: Path, timeout: float = 120.0) -> None:
         """Pause the guest and write its migration stream to `path`; the guest stays paused
