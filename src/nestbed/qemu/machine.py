@@ -195,7 +195,6 @@ class Machine:
             # on its own (OVMF does, on first boot with fresh variables): launch() sets this
             # once the agent answers.
             argv += ["-action", "reboot=shutdown"]
-        if c.boot == "kernel":
             kernel, initrd = self._boot_files or (c.kernel, c.initrd)
             argv += [
                 "-kernel",
