@@ -136,6 +136,8 @@ class Machine:
         self._argv: list[str] = []
         self._boot_files: tuple[Path, Path] | None = None  # unpacked kernel and initrd
         self.console_output = ""  # the console's tail, kept after shutdown
+        # whether a guest reboot resets the machine now (else it ends QEMU: see argv)
+        self.reboot_allowed = config.boot != "kernel"
 
     # -- paths --------------------------------------------------------------------------
     def _path(self, name: str) -> Path:
@@ -380,6 +382,7 @@ class Machine:
             self.qmp("set-action", reboot="reset" if allowed else "shutdown")
         except (OSError, ValueError) as e:
             raise MachineError(f"QMP set-action: {e}") from None
+        self.reboot_allowed = allowed
 
     def save_state(self, path: Path, timeout: float = 120.0) -> None:
         """Pause the guest and write its migration stream to `path`; the guest stays paused

@@ -63,11 +63,13 @@ class Mux:
         agent_path: Path | None = None,
         alive: Callable[[], bool] | None = None,
         exit_note: Callable[[], str] | None = None,
+        reset_expected: Callable[[], bool] | None = None,
     ) -> None:
         self._agent = agent
         self._agent_path = agent_path  # to reconnect when QEMU drops the connection
         self._alive = alive
         self._exit_note = exit_note  # why QEMU is gone, once it is
+        self._reset_expected = reset_expected  # a reset now is a reboot, not QEMU ending
         self._own_agent = False  # a reconnected socket is ours to close
         self._agent.setblocking(False)
         self._agent_out = bytearray()
@@ -266,6 +268,12 @@ class Mux:
         does that): connect again; streams that were running end with an ERROR."""
         if self._agent_path is None or self._alive is None:
             return False
+        if self._reset_expected is not None and not self._reset_expected():
+            # no reboot expected: QEMU is ending (-action reboot=shutdown); give it the
+            # moment it needs, so the reason is that, not a reset channel
+            ending = time.monotonic() + 5
+            while self._alive() and time.monotonic() < ending:
+                time.sleep(0.05)
         deadline = time.monotonic() + 10
         while self._alive() and time.monotonic() < deadline:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -555,6 +555,7 @@ class QemuServer(VirtServer):
                 agent_path=machine.control_socket,
                 alive=lambda: machine.running,
                 exit_note=machine.exit_note,
+                reset_expected=lambda: machine.reboot_allowed,
             )
             self.mux.start()
 
