@@ -269,7 +269,7 @@ class Mux:
         if self._agent_path is None or self._alive is None:
             return False
         if self._reset_expected is not None and not self._reset_expected():
-            # no reboot expected: QEMU is ending (-action reboot=shutdown); give it the
+            # no reboot expected: QEMU is ending (reboot action "shutdown"); give it the
             # moment it needs, so the reason is that, not a reset channel
             ending = time.monotonic() + 5
             while self._alive() and time.monotonic() < ending:
