@@ -695,7 +695,8 @@ class QemuServer(VirtServer):
     def _explain(self, what: str) -> str:
         tail = ""
         if self.machine is not None:
-            if note := self.machine.exit_note():
+            note = self.machine.exit_note()
+            if note and note not in what:  # the multiplexer's reason may carry it already
                 what = f"{what}; {note}"
             with contextlib.suppress(OSError):
                 text = self.machine.console_log.read_bytes()[-4096:].decode("utf-8", "replace")
