@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import termios
@@ -42,7 +42,9 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import NoReturn
 
+from nestbed import log
 from nestbed.errors import NestbedError
+from nestbed.proc import Process, TimeoutExpired, stop
 from nestbed.testbed.client import Testbed, resolve_virt_server
 
 PROG = "nestbed-vm"
@@ -55,6 +57,8 @@ DEFAULT_RAM_MB = 1024
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # how long the command gets to end after its SIGTERM before its helper is killed
 _TERM_GRACE = 5.0
+
+_log = logging.getLogger(__name__)
 
 
 class Failed(Exception):
@@ -100,7 +104,7 @@ class Options:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{PROG}: error: {message} (see {PROG} --help)\n")
+        _error(f"{message} (see {PROG} --help)")
         sys.exit(EXIT_FAILED)
 
 
@@ -239,16 +243,15 @@ class NestedVM:
         self.started = time.monotonic()
         self.tmp: str | None = None
         self.testbed: Testbed | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: Process | None = None
         self.server_lines: deque[str] = deque(maxlen=20)
 
     # ---- messages --------------------------------------------------------------------------
     def say(self, message: str) -> None:
-        if self.opts.verbose:
-            sys.stderr.write(f"{PROG}: {message}\n")
-            sys.stderr.flush()
+        _log.info(message)  # shown with -v (see main)
 
     def _server_said(self, line: str) -> None:
+        # the server's own lines, relayed as they are
         self.server_lines.append(line)
         if self.opts.verbose or (self.opts.show_boot and not line.startswith("nestbed-virt-")):
             with contextlib.suppress(OSError, ValueError):
@@ -353,7 +356,7 @@ class NestedVM:
         with _raw_terminal(raw):
             try:
                 status = self.proc.wait(self.remaining("running the command"))
-            except subprocess.TimeoutExpired:
+            except TimeoutExpired:
                 raise DeadlineReached("running the command") from None
         self.proc = None
         if status < 0:  # the helper was killed by a signal (not by us)
@@ -398,13 +401,7 @@ class NestedVM:
             return
         # the helper forwards SIGTERM to the command; if it does not end, kill the helper
         # (the server then kills the command), and the VM goes with the server anyway
-        with contextlib.suppress(OSError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(_TERM_GRACE)
-        with contextlib.suppress(OSError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop(proc, grace=_TERM_GRACE, kill_wait=None)
 
     def shutdown(self, polite: bool) -> None:
         """Release everything; `polite` asks the server to quit, which stops QEMU and
@@ -443,9 +440,7 @@ def _raw_terminal(raw: bool) -> Iterator[None]:
 
 
 def _error(message: str) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        sys.stderr.write(f"{PROG}: error: {message}\n")
-        sys.stderr.flush()
+    _log.error(message)
 
 
 class _SignalGuard:
@@ -477,12 +472,15 @@ class _SignalGuard:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    log.setup(PROG, log.PLAIN, quiet=True)  # errors only, until the options say more
     try:
         opts = parse_args(sys.argv[1:] if argv is None else argv)
         check_inputs(opts)
     except Failed as e:
         _error(str(e))
         return EXIT_FAILED
+    # -v: our steps; --debug (implies -v): every module's debug lines, commands run too
+    log.setup(PROG, log.PLAIN, debug=opts.debug, quiet=not opts.verbose)
     vm = NestedVM(opts)
     with _SignalGuard() as guard:
         status: int

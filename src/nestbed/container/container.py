@@ -9,7 +9,7 @@ when not root) created once by ``unshare --fork``; its PID 1 is `nestbed.contain
 Every command then joins it with ``nsenter --target PID1``: starting one costs a fork and an
 exec, not a new set of namespaces and mounts, and everything a test leaves running stays in
 the one PID namespace, so killing PID 1 ends it all. PID 1 dies with us: unshare runs with
-PR_SET_PDEATHSIG (`nestbed.image.proc.spawn`) and ``--kill-child`` passes that on.
+PR_SET_PDEATHSIG (`nestbed.proc.spawn`) and ``--kill-child`` passes that on.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import contextlib
 import os
 import select
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 
 from nestbed.errors import EXIT_TESTBED_FAILURE, NestbedError
-from nestbed.image.proc import cmdline, spawn
+from nestbed.proc import PIPE, Process, cmdline, spawn, stop
 
 INIT = Path(__file__).with_name("init.py")
 # what autopkgtest's unshare-helper gives every command: a clean environment
@@ -71,7 +70,7 @@ class Container:
         self.config = config
         self.pid: int | None = None  # PID 1 of the container, as the host sees it
         self._pidfd: int | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: Process | None = None
 
     def argv(self) -> list[str]:
         c = self.config
@@ -96,7 +95,7 @@ class Container:
         argv = self.argv()
         with tempfile.TemporaryFile() as errors:
             try:
-                self._proc = spawn(argv, stdout=subprocess.PIPE, stderr=errors)
+                self._proc = spawn(argv, stdout=PIPE, stderr=errors)
                 line = self._read_ready(timeout)
             except BaseException:
                 self.stop()
@@ -177,10 +176,7 @@ class Container:
         proc, self._proc = self._proc, None
         if proc is not None:
             # unshare exits with its child; kill it in case PID 1 never got that far
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=timeout)
+            stop(proc, grace=0, kill_wait=timeout)
             if proc.stdout is not None:
                 proc.stdout.close()
         self.pid = None

@@ -23,7 +23,7 @@ from pathlib import Path
 from nestbed.container.container import ContainerError, userns_argv
 from nestbed.container.tarball import tarball_root
 from nestbed.image.cache import ImageCache, clean_stale
-from nestbed.image.proc import CommandFailed, remove_tree, run
+from nestbed.proc import CommandFailed, remove_tree, run
 
 # bumped when what unpacking does to a tree changes
 RECIPE = "1"

@@ -19,15 +19,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import subprocess
 import time
 from pathlib import Path
 
 from nestbed.image.cache import ImageCache, clean_stale, default_root, staging_dir
 from nestbed.image.errors import ImageError
 from nestbed.image.mirror import AptSource, image_sources
-from nestbed.image.proc import CommandFailed, remove_tree, run
 from nestbed.image.progress import PlainProgress, Progress
+from nestbed.proc import CommandFailed, remove_tree, run
 
 VARIANT = "minbase"
 # bumped when what goes into the tarball changes, so old cached ones are not used
@@ -42,10 +41,8 @@ def tarball_root() -> Path:
 
 def host_arch() -> str:
     try:
-        out = subprocess.run(
-            ["dpkg", "--print-architecture"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+        out = run(["dpkg", "--print-architecture"]).stdout_text.strip()
+    except CommandFailed:
         out = ""
     return out or "amd64"
 

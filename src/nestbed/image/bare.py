@@ -18,13 +18,12 @@ import json
 import os
 import re
 import stat
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from nestbed.image.cache import INITRD, KERNEL, MANIFEST, ImagePaths, Manifest
 from nestbed.image.errors import ImageError
-from nestbed.image.proc import CommandFailed, run
+from nestbed.proc import CommandFailed, TimeoutExpired, run
 
 IMAGE_JSON = "/etc/nestbed/image.json"
 DEBUGFS_TIMEOUT = 300.0  # reading a kernel off a device under a loaded, emulated machine
@@ -105,16 +104,16 @@ def _debugfs(disk: Path, request: str, cwd: Path | None = None) -> str:
         res = run(argv, check=False, cwd=cwd, timeout=DEBUGFS_TIMEOUT)
     except CommandFailed:  # not installed
         raise ImageError(f"{disk}: reading it needs debugfs (apt-get install e2fsprogs)") from None
-    except subprocess.TimeoutExpired:
+    except TimeoutExpired:
         raise ImageError(f"{disk}: debugfs did not finish in {DEBUGFS_TIMEOUT:.0f} s") from None
     errors = [
         line.strip()
-        for line in res.stderr.splitlines()
+        for line in res.stderr_text.splitlines()
         if line.strip() and not _BENIGN.match(line.strip())
     ]
     if errors or res.returncode != 0:
         raise _DebugfsError(errors[0] if errors else f"debugfs exited {res.returncode}")
-    return res.stdout
+    return res.stdout_text
 
 
 class _DebugfsError(Exception):

@@ -37,8 +37,8 @@ from nestbed.image.cache import (
 from nestbed.image.config import BuildOptions, format_size
 from nestbed.image.errors import ImageError
 from nestbed.image.mirror import AptSource, image_sources, probe
-from nestbed.image.proc import CommandFailed, remove_tree, run
 from nestbed.image.progress import Progress, QuietProgress
+from nestbed.proc import CommandFailed, remove_tree, run
 
 RECIPE_VERSION = 2  # bump when the image contents change: old cache keys stop matching
 IMAGE_JSON_VERSION = 1  # of /etc/nestbed/image.json
@@ -266,7 +266,7 @@ class Builder:
     def _mkfs(self, rootfs: Path, staging: Path) -> None:
         p = self.plan
         du = run(_in_namespace(p, ["du", "-s", "-B1", "--one-file-system", str(rootfs)]))
-        used = int(du.stdout.split()[0])
+        used = int(du.stdout_text.split()[0])
         need = used + used // 8 + (64 << 20)  # ext4 metadata and journal
         if need > p.options.size:
             raise ImageError(

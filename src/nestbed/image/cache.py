@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from nestbed.image.errors import ImageError
-from nestbed.image.proc import remove_tree
+from nestbed.proc import remove_tree
 
 MANIFEST = "manifest.json"
 DISK = "disk.img"

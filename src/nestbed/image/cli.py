@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -21,8 +22,13 @@ from nestbed.image.config import (
     parse_size,
 )
 from nestbed.image.progress import for_stream
+from nestbed.log import PLAIN, setup
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+log = logging.getLogger(__name__)
+# the command's own reports: `nestbed: ...`, beside the builder's timed progress lines
+_REPORT = {"style": PLAIN}
 
 EPILOG = f"""\
 exit status:
@@ -113,9 +119,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
         progress.close()
     m = image.manifest
     print(f"{image.directory}")
-    sys.stderr.write(
-        f"nestbed: image {m.name}: {m.release} {m.flavour}, kernel {m.kernel_version},"
-        f" {format_size(image.disk_usage())} on disk, built in {m.build_seconds} s\n"
+    log.info(
+        f"image {m.name}: {m.release} {m.flavour}, kernel {m.kernel_version},"
+        f" {format_size(image.disk_usage())} on disk, built in {m.build_seconds} s",
+        extra=_REPORT,
     )
     return EXIT_OK
 
@@ -137,7 +144,7 @@ def _cmd_list(_args: argparse.Namespace) -> int:
             )
         )
     if len(rows) == 1:
-        sys.stderr.write(f"nestbed: no images in {cache.root}\n")
+        log.info(f"no images in {cache.root}", extra=_REPORT)
         return EXIT_OK
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -147,7 +154,7 @@ def _cmd_list(_args: argparse.Namespace) -> int:
 
 def _cmd_remove(args: argparse.Namespace) -> int:
     ImageCache().remove(args.name)
-    sys.stderr.write(f"nestbed: removed image {args.name}\n")
+    log.info(f"removed image {args.name}", extra=_REPORT)
     return EXIT_OK
 
 
@@ -162,6 +169,8 @@ def main(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return EXIT_OK if e.code in (0, None) else EXIT_USAGE
+    # -v shows every detail, the commands the builder runs too
+    setup("nestbed", debug=getattr(args, "verbose", False))
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         command = {"build": _cmd_build, "list": _cmd_list, "remove": _cmd_remove}[args.command]

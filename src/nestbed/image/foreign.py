@@ -10,7 +10,6 @@ master boot record carries boot code, EFI when it is only GPT's protective MBR w
 
 from __future__ import annotations
 
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from nestbed.image.bare import disk_size
 from nestbed.image.cache import ImagePaths, Manifest
 from nestbed.image.contents import BASE_SERIAL, ROOT_SERIAL
 from nestbed.image.errors import ImageError
-from nestbed.image.proc import CommandFailed, run
+from nestbed.proc import CommandFailed, TimeoutExpired, run
 
 SECTOR = 512
 _BOOT_CODE = slice(0, 440)  # the MBR's boot code area
@@ -47,7 +46,7 @@ def first_sector(disk: Path, fmt: str) -> bytes:
             run(["qemu-img", "dd", "-U", "-f", fmt, "-O", "raw", f"bs={SECTOR}", "count=1",
                  f"if={disk}", f"of={out}"], timeout=60)  # fmt: skip
             return out.read_bytes()[:SECTOR]
-        except (CommandFailed, subprocess.TimeoutExpired, OSError) as e:
+        except (CommandFailed, TimeoutExpired, OSError) as e:
             raise ImageError(f"{disk}: cannot read its first sector: {e}") from None
 
 

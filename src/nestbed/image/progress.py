@@ -1,15 +1,25 @@
 """Progress a person can follow: stages with elapsed time on a terminal (rich), plain
-`nestbed [HH:MM:SS]: ...` lines on stderr otherwise."""
+`nestbed [HH:MM:SS]: ...` lines on stderr otherwise.
+
+Every text line goes through `nestbed.log` (as the image builder's: `nestbed [HH:MM:SS]:`,
+also inside a virt server that builds); rich is only the live display of the stages.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import time
 from collections.abc import Iterator
 from typing import Protocol, TextIO
 
+from nestbed.log import AUTOPKGTEST
+
 PROG = "nestbed"
+_LINE = {"prog": PROG, "style": AUTOPKGTEST}
+
+log = logging.getLogger(__name__)
 
 
 class Progress(Protocol):
@@ -25,14 +35,11 @@ class Progress(Protocol):
 class PlainProgress:
     """One line when a stage starts and one when it ends; details only with verbose."""
 
-    def __init__(self, stream: TextIO | None = None, verbose: bool = False) -> None:
-        self.stream = stream
+    def __init__(self, verbose: bool = False) -> None:
         self.verbose = verbose
 
     def _line(self, text: str) -> None:
-        stream = self.stream or sys.stderr
-        stream.write(f"{PROG} [{time.strftime('%H:%M:%S')}]: {text}\n")
-        stream.flush()
+        log.info(text, extra=_LINE)
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -110,7 +117,8 @@ class RichProgress:
             self.bar.update(self.task, detail=text[:70])  # type: ignore[arg-type]
 
     def info(self, text: str) -> None:
-        self.bar.console.print(text)
+        # the live display shows what is written to stderr above itself
+        log.info(text, extra=_LINE)
 
     def close(self) -> None:
         self.bar.stop()
@@ -121,4 +129,4 @@ def for_stream(stream: TextIO | None = None, verbose: bool = False) -> Progress:
     stream = stream or sys.stderr
     if stream.isatty() and not verbose:
         return RichProgress()
-    return PlainProgress(stream, verbose)
+    return PlainProgress(verbose)

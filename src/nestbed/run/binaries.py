@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
-import subprocess
 import tempfile
 from dataclasses import dataclass
 
 from debian.deb822 import Deb822
 
 from nestbed.errors import BadPackage, TestbedFailure
+from nestbed.proc import run
 from nestbed.testbed.client import Testbed
 
 SOURCES_LIST = "/etc/apt/sources.list.d/nestbed-binaries.list"
@@ -33,14 +33,12 @@ class Binary:
 
 def inspect(path: str) -> Binary:
     """A .deb's control stanza, or BadPackage when it is not a .deb."""
-    result = subprocess.run(
-        ["dpkg-deb", "--field", path], capture_output=True, text=True, check=False
-    )
-    fields = Deb822(result.stdout) if result.returncode == 0 else Deb822()
+    result = run(["dpkg-deb", "--field", path], check=False)
+    fields = Deb822(result.stdout_text) if result.returncode == 0 else Deb822()
     if "Package" not in fields or "Version" not in fields:
-        why = result.stderr.strip().splitlines()[-1:] or ["no Package or Version field"]
+        why = result.stderr_text.strip().splitlines()[-1:] or ["no Package or Version field"]
         raise BadPackage(f"failed to parse binary package {path}: {why[0]}")
-    return Binary(path, fields["Package"], fields["Version"], result.stdout.strip())
+    return Binary(path, fields["Package"], fields["Version"], result.stdout_text.strip())
 
 
 def packages_index(binaries: list[Binary]) -> str:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shlex
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +12,7 @@ from typing import IO
 
 from nestbed.errors import TestbedFailure
 from nestbed.log import Console
+from nestbed.proc import DEVNULL, PIPE, TimeoutExpired, stop
 from nestbed.report.results import TestResult, Verdict
 from nestbed.spec.model import TestSpec
 from nestbed.testbed.client import Testbed
@@ -274,9 +272,7 @@ def _run_once(
 ) -> tuple[int, bool, bytes]:
     """One run of the test command: exit status, whether the testbed stopped answering,
     and the wrapper's notes."""
-    proc = testbed.popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    proc = testbed.popen(argv, stdin=DEVNULL, stdout=PIPE, stderr=PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     stderr = StderrSplitter(console.write_stderr, err)
     pumps = [
@@ -289,14 +285,15 @@ def _run_once(
     stuck = False
     try:
         returncode = proc.wait(timeout=hard_timeout)
-    except subprocess.TimeoutExpired:
+    except TimeoutExpired:
         # the in-testbed timeout should have fired long ago: the testbed is not answering
         stuck = True
-        _kill_group(proc)
+        stop(proc, grace=0, kill_wait=None)
         returncode = proc.wait()
     except BaseException:
-        # interrupted (Ctrl-C, SIGTERM): the test must not outlive us
-        _stop_group(proc)
+        # interrupted (Ctrl-C, SIGTERM): SIGTERM first, su passes it on to the test's own
+        # session; the test must not outlive us
+        stop(proc, grace=5, kill_wait=None)
         raise
     for t in pumps:
         t.join(timeout=10)
@@ -308,19 +305,3 @@ def _reboot_mark(testbed: Testbed) -> str:
     marks = "/run/autopkgtest-reboot-mark /run/autopkgtest-reboot-prepare-mark"
     result = testbed.execute(["sh", "-c", f"cat {marks} 2>/dev/null"], timeout=100)
     return result.stdout.decode("UTF-8", "replace").strip().split("\n", 1)[0]
-
-
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM first: su passes it on to the test's own session; then SIGKILL."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        proc.wait()
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)

@@ -14,16 +14,15 @@ import os
 import select
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import IO, Any, NamedTuple
+from typing import IO, NamedTuple
 
 from nestbed.errors import TestbedFailure, UsageError, VirtServerError
+from nestbed.proc import DEVNULL, PIPE, CommandFailed, Process, Stream, TimeoutExpired, spawn, stop
 from nestbed.testbed.protocol import (
     format_line,
     parse_exec_prefix,
@@ -148,7 +147,7 @@ class Testbed:
         self.exec_prefix: list[str] = []
         self.normal_user: str | None = None
         self._scratch: str | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: Process | None = None
         self._reader: _LineReader | None = None
         self._stderr_thread: threading.Thread | None = None
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL)
@@ -199,19 +198,18 @@ class Testbed:
             raise TestbedFailure("the virt server is already started")
         self._debug(f"starting virt server: {shlex.join(self.argv)}")
         try:
-            # its own session: a Ctrl-C reaches us, and we shut the server down in order
-            self._proc = subprocess.Popen(
+            # its own session: a Ctrl-C reaches us, and we shut the server down in order; it
+            # outlives us when we are killed, to release the testbed when its stdin closes
+            self._proc = spawn(
                 self.argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
+                stdin=PIPE,
+                stdout=PIPE,
+                stderr=PIPE,
                 env={**os.environ, **self.env} if self.env else None,
+                with_parent=False,
             )
-        except OSError as e:
-            raise TestbedFailure(
-                f"cannot start virt server {self.argv[0]}: {e.strerror or e}"
-            ) from None
+        except CommandFailed as e:
+            raise TestbedFailure(f"cannot start virt server {self.argv[0]}: {e.strerror}") from None
         try:
             assert self._proc.stdout is not None and self._proc.stderr is not None
             self._reader = _LineReader(self._proc.stdout)
@@ -315,7 +313,7 @@ class Testbed:
                 limit = DEFAULT_TIMEOUTS["quit"] if timeout is None else timeout
                 try:
                     status = self._proc.wait(limit)
-                except subprocess.TimeoutExpired:
+                except TimeoutExpired:
                     raise TestbedFailure(
                         f"virt server {self.name} did not exit within {limit:g}s after quit"
                     ) from None
@@ -358,18 +356,11 @@ class Testbed:
                     assert proc.stdin is not None
                     proc.stdin.write(b"quit\n")
                     proc.stdin.flush()
-                with contextlib.suppress(subprocess.TimeoutExpired):
+                with contextlib.suppress(TimeoutExpired):
                     proc.wait(_QUIT_GRACE)
             if proc.poll() is None:
                 # both kinds of server release the testbed on SIGTERM too
-                with contextlib.suppress(OSError):
-                    proc.send_signal(signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(_TERM_GRACE)
-            if proc.poll() is None:
-                with contextlib.suppress(OSError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                stop(proc, grace=_TERM_GRACE, term="leader", kill_wait=None)
         except Exception as e:  # a cleanup must not hide the error that led to it
             self._debug(f"cleanup of virt server: {e}")
         finally:
@@ -471,14 +462,7 @@ class Testbed:
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return
-        with contextlib.suppress(OSError):
-            proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(_QUIT_GRACE)
-        with contextlib.suppress(OSError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(_QUIT_GRACE)
+        stop(proc, grace=_QUIT_GRACE, term="leader", kill_wait=_QUIT_GRACE)
 
     def _died(self, cmd: str) -> TestbedFailure:
         """The server closed its stdout: collect how it ended, for the message."""
@@ -487,7 +471,7 @@ class Testbed:
         assert proc is not None
         try:
             status = proc.wait(_QUIT_GRACE)
-        except subprocess.TimeoutExpired:
+        except TimeoutExpired:
             self._kill()
             status = proc.wait()
         self._join_stderr()
@@ -536,38 +520,25 @@ class Testbed:
         self._require_open("execute a command")
         real = self._wrap(argv, env, user)
         self._debug(f"execute: {shlex.join(real)}")
-        pipe = subprocess.PIPE if capture else None
-        try:
-            proc = subprocess.Popen(
-                real,
-                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                stdout=pipe,
-                stderr=pipe,
-                start_new_session=True,
-            )
-        except OSError as e:
-            raise TestbedFailure(
-                f"cannot run the testbed's exec prefix {self.exec_prefix[0]}: {e.strerror or e}"
-            ) from None
+        pipe = PIPE if capture else None
+        proc = self._spawn_exec(
+            real, stdin=PIPE if stdin is not None else DEVNULL, stdout=pipe, stderr=pipe
+        )
         try:
             out, err = proc.communicate(stdin, timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        except TimeoutExpired:
+            stop(proc, grace=0, kill_wait=None)
             # a process that left our group may still hold the pipes: do not wait for it
-            with contextlib.suppress(subprocess.TimeoutExpired):
+            with contextlib.suppress(TimeoutExpired):
                 proc.communicate(timeout=5)
             for stream in (proc.stdout, proc.stderr):
                 if stream is not None:
                     stream.close()
-            proc.wait()
             raise CommandTimeout(
                 f"timed out after {timeout:g}s on testbed command {shlex.join(argv)}"
             ) from None
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            stop(proc, grace=0, kill_wait=None)
             raise
         out = out or b""
         err = err or b""
@@ -579,20 +550,31 @@ class Testbed:
             )
         return ExecResult(proc.returncode, out, err)
 
-    def popen(self, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[bytes]:
-        """Start exec prefix + argv in its own process group (kill it with os.killpg)."""
+    def popen(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: Stream = DEVNULL,
+        stdout: Stream = None,
+        stderr: Stream = None,
+    ) -> Process:
+        """Start exec prefix + argv in its own process group (end it with nestbed.proc.stop);
+        a stream left None is ours."""
         self._require_open("start a command")
-        popen_kwargs.setdefault("start_new_session", True)
-        popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
         real = [*self.exec_prefix, *argv]
         self._debug(f"popen: {shlex.join(real)}")
+        return self._spawn_exec(real, stdin=stdin, stdout=stdout, stderr=stderr)
+
+    def _spawn_exec(
+        self, real: list[str], *, stdin: Stream, stdout: Stream, stderr: Stream
+    ) -> Process:
+        # not with_parent: when we die, the server ends its commands as it releases the testbed
         try:
-            proc: subprocess.Popen[bytes] = subprocess.Popen(real, **popen_kwargs)
-        except OSError as e:
+            return spawn(real, stdin=stdin, stdout=stdout, stderr=stderr, with_parent=False)
+        except CommandFailed as e:
             raise TestbedFailure(
-                f"cannot run the testbed's exec prefix {self.exec_prefix[0]}: {e.strerror or e}"
+                f"cannot run the testbed's exec prefix {self.exec_prefix[0]}: {e.strerror}"
             ) from None
-        return proc
 
     def copydown(self, host: str, tb: str, timeout: float | None = None) -> None:
         """Copy a host file or tree to the testbed; a tree has '/' at the end of both paths."""

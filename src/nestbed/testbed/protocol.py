@@ -10,17 +10,18 @@ on any other error prints ``PROG: failure: MESSAGE`` on stderr, releases the tes
 A virt server is a subclass of `VirtServer` that fills in the hooks (`capabilities`,
 `open_testbed`, `exec_prefix`, `close_testbed`, and optionally `revert_testbed`,
 `reboot_testbed`, `copydown`, `copyup`, `shell`), plus a ``main`` that calls `run_server`.
-Virt servers import nothing of the runner: only this module and `nestbed.errors`.
+Virt servers import nothing of the runner: only this module, `nestbed.errors`, `nestbed.proc`
+and `nestbed.log`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +29,7 @@ from types import FrameType
 from typing import BinaryIO, ClassVar, NoReturn
 from urllib.parse import quote, unquote
 
+from nestbed import log, proc
 from nestbed.errors import EXIT_BADPKG, EXIT_TESTBED_FAILURE
 
 # Exit statuses of a server (VirtSubproc's): a protocol or testbed error, an internal error.
@@ -41,6 +43,8 @@ COPY_TIMEOUT = "timeout"
 # autopkgtest's servers read this; ours honour it so the one knob works for both.
 COPY_TIMEOUT_ENV = "AUTOPKGTEST_VIRT_COPY_TIMEOUT"
 DEFAULT_COPY_TIMEOUT = 300
+
+_log = logging.getLogger(__name__)
 
 # Signals after which a server releases its testbed and dies of the same signal.
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE)
@@ -237,12 +241,14 @@ class VirtServer:
                 open("/dev/tty", "wb") as tty_out,
                 open("/dev/tty", "wb") as tty_err,
             ):
-                subprocess.call(
+                # our session, so the shell has the controlling terminal
+                _start(
                     [*self.exec_prefix(), "sh", "-c", script],
                     stdin=tty_in,
                     stdout=tty_out,
                     stderr=tty_err,
-                )
+                    new_session=False,
+                ).wait()
         except OSError as e:
             # autopkgtest answers `ok` here too: a debugging aid must not break the run
             self.warn(f"cannot run shell: {e}")
@@ -257,35 +263,32 @@ class VirtServer:
         """Defer signals and copy timeouts until the block is done (allocate-and-record)."""
         return self._interrupts.critical()
 
+    # ``nestbed-virt-NAME: debug: ...`` and ``nestbed-virt-NAME: ...``, as `run_server`
+    # sets up `nestbed.log`; lines of the modules a server uses (nestbed.proc's command
+    # lines) come out the same way
     def debug(self, message: str) -> None:
         if self.debug_enabled:
-            self._stderr(f"nestbed-virt-{self.name}: debug: {message}")
+            _log.debug(message)
 
     def warn(self, message: str) -> None:
-        self._stderr(f"nestbed-virt-{self.name}: {message}")
+        _log.warning(message)
 
     @staticmethod
     def _stderr(line: str) -> None:
-        with contextlib.suppress(OSError):
-            sys.stderr.write(line + "\n")
-            sys.stderr.flush()
+        """A line that is whole already (``PROG: failure: ...``)."""
+        _log.error(line, extra={"as_is": True})
 
     def execute(
         self, argv: Sequence[str], *, timeout: float | None = None, stdin: bytes | None = None
-    ) -> subprocess.CompletedProcess[bytes]:
-        """Run argv on the testbed, capturing output; a timeout is a ServerFailure."""
+    ) -> proc.Result:
+        """Run argv on the testbed, capturing output (bytes); a timeout is a ServerFailure."""
         real = [*self.exec_prefix(), *argv]
         self.debug(f"execute: {shlex.join(real)}")
         try:
-            return subprocess.run(
-                real,
-                input=stdin,
-                stdin=None if stdin is not None else subprocess.DEVNULL,
-                capture_output=True,
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
+            return proc.run(real, check=False, input=stdin, timeout=timeout)
+        except proc.CommandFailed as e:  # could not be started: hooks expect the OSError
+            raise e.oserror or e from None
+        except proc.TimeoutExpired:
             raise ServerFailure(f"timed out after {timeout}s on testbed command {argv}") from None
 
     def check_exec(
@@ -294,27 +297,23 @@ class VirtServer:
         """Run argv (on the testbed or the host); it must exit 0 with no stderr. Returns
         stdout without its last newline."""
         if on_testbed:
-            proc = self.execute(argv, timeout=timeout)
+            result = self.execute(argv, timeout=timeout)
         else:
             try:
-                proc = subprocess.run(
-                    list(argv),
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    timeout=timeout,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired:
+                result = proc.run(argv, check=False, timeout=timeout)
+            except proc.CommandFailed as e:
+                raise e.oserror or e from None
+            except proc.TimeoutExpired:
                 raise ServerFailure(f"timed out after {timeout}s on {list(argv)}") from None
-        err = proc.stderr.decode("UTF-8", "replace")
+        err = result.stderr_text
         where = "(down) " if on_testbed else ""
-        if proc.returncode:
+        if result.returncode:
             raise ServerFailure(
-                f"{where}{list(argv)} failed (exit status {proc.returncode}, stderr {err!r})"
+                f"{where}{list(argv)} failed (exit status {result.returncode}, stderr {err!r})"
             )
         if err:
             raise ServerFailure(f"{list(argv)} unexpectedly produced stderr output `{err}'")
-        out = proc.stdout.decode("UTF-8", "surrogateescape")
+        out = result.stdout.decode("UTF-8", "surrogateescape")
         return out[:-1] if out.endswith("\n") else out
 
     def make_scratch(self, scratch: str | None) -> str:
@@ -329,7 +328,7 @@ class VirtServer:
 
     def remove_scratch(self, scratch: str) -> None:
         """Remove the scratch dir on the testbed (best effort: the testbed may be gone)."""
-        with contextlib.suppress(subprocess.SubprocessError, ServerFailure):
+        with contextlib.suppress(ServerFailure):
             self.execute(["rm", "-rf", "--", scratch], timeout=copy_timeout())
 
     # reboot keeps the scratch dir across the reboot in a tarball, where autopkgtest keeps
@@ -422,15 +421,15 @@ def _run_pipeline(
     host_file: str | None,
 ) -> None:
     source_argv, sink_argv = cmds
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[proc.Process] = []
     try:
         if source_argv is None:
             assert sink_argv is not None
             server.debug(f"copy: {shlex.join(sink_argv)} < file")
-            procs.append(subprocess.Popen(sink_argv, stdin=local_in, stdout=subprocess.DEVNULL))
+            procs.append(_start(sink_argv, stdin=local_in, stdout=proc.DEVNULL))
         elif sink_argv is None:
             server.debug(f"copy: {shlex.join(source_argv)} > file")
-            src = subprocess.Popen(source_argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+            src = _start(source_argv, stdin=proc.DEVNULL, stdout=proc.PIPE)
             procs.append(src)
             assert src.stdout is not None and local_out is not None
             mode = src.stdout.readline().strip() if mode_line else b""
@@ -440,25 +439,48 @@ def _run_pipeline(
                 os.chmod(host_file, int(mode, 8))
         else:
             server.debug(f"copy: {shlex.join(source_argv)} | {shlex.join(sink_argv)}")
-            src = subprocess.Popen(source_argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+            src = _start(source_argv, stdin=proc.DEVNULL, stdout=proc.PIPE)
             procs.append(src)
-            procs.append(subprocess.Popen(sink_argv, stdin=src.stdout, stdout=subprocess.DEVNULL))
+            procs.append(_start(sink_argv, stdin=src.stdout, stdout=proc.DEVNULL))
             assert src.stdout is not None
             src.stdout.close()  # the sink holds the pipe now; lets the source see EPIPE
         # the sink first: it finishing is what makes the copy complete
-        for i, proc in reversed(list(enumerate(procs))):
-            status = proc.wait()
+        for i, step in reversed(list(enumerate(procs))):
+            status = step.wait()
             # the source dying of SIGPIPE after the sink is done is not a failure
             if status != 0 and not (i == 0 and len(procs) == 2 and status == -signal.SIGPIPE):
-                server.warn(f"copy command {proc.args!r} failed with status {status}")
+                server.warn(f"copy command {step.args!r} failed with status {status}")
                 raise CommandFailed(COPY_FAILED)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+        for step in procs:
+            if step.poll() is None:
+                proc.stop(step, grace=0, kill_wait=None)
+            if step.stdout is not None:
+                step.stdout.close()
+
+
+def _start(
+    argv: list[str],
+    *,
+    stdin: proc.Stream,
+    stdout: proc.Stream,
+    stderr: proc.Stream = None,
+    new_session: bool = True,
+) -> proc.Process:
+    """`proc.spawn` for the framework's copies and shell, whose failure to start is an
+    OSError (a copy then answers `copy-failed`). Its stderr is ours by default: the
+    server's stderr, where the runner logs it."""
+    try:
+        return proc.spawn(
+            argv,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            new_session=new_session,
+            with_parent=False,
+        )
+    except proc.CommandFailed as e:
+        raise e.oserror or OSError(str(e)) from None
 
 
 # ---- the main loop ----------------------------------------------------------------------
@@ -735,6 +757,7 @@ def run_server(server_class: type[VirtServer], argv: Sequence[str] | None = None
     parser = common_parser(server_class.name)
     server_class.add_arguments(parser)
     args = parser.parse_args(argv)
+    log.setup(f"nestbed-virt-{server_class.name}", log.PLAIN, debug=args.debug)
     try:
         server = server_class(args)
     except ServerFailure as e:
