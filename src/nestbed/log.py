@@ -25,6 +25,7 @@ these lines too, is copied there.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -84,13 +85,11 @@ def write_stderr(data: bytes) -> None:
     """To our stderr as it is now (a test's capture, rich's live display); never raises."""
     stream = sys.stderr
     with contextlib.suppress(OSError, ValueError):
-        # rich's live display puts a text-only proxy there
-        buffer: BinaryIO | None = getattr(stream, "buffer", None)
-        if buffer is not None:
+        if isinstance(stream, io.TextIOWrapper):
             stream.flush()
-            buffer.write(data)
-            buffer.flush()
-        else:
+            stream.buffer.write(data)
+            stream.buffer.flush()
+        else:  # a proxy, as rich's live display puts there to print above itself
             stream.write(data.decode("UTF-8", "replace"))
             stream.flush()
 

@@ -117,8 +117,9 @@ class RichProgress:
             self.bar.update(self.task, detail=text[:70])  # type: ignore[arg-type]
 
     def info(self, text: str) -> None:
-        # the live display shows what is written to stderr above itself
-        log.info(text, extra=_LINE)
+        # bare, as a terminal showing the live display always had it; rich shows what is
+        # written to stderr above the display
+        log.info(text, extra={"as_is": True})
 
     def close(self) -> None:
         self.bar.stop()
