@@ -19,7 +19,7 @@ from nestbed.testbed.client import CommandTimeout, Testbed
 R = TypeVar("R")
 
 # What nestbed says when a level-1 guest resets itself (docs/nested.md, "Known faults").
-LEVEL1_RESET = "the guest reset or powered off by itself"
+LEVEL1_RESET = "the guest reset itself"
 
 
 def nestbed_argv() -> list[str]:

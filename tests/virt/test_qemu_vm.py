@@ -181,7 +181,8 @@ def test_qemu_killed_mid_test_is_a_testbed_failure(
     [
         ("c", "the guest kernel panicked"),
         # a reset nobody asked for (what a triple fault does): not a fresh boot to wait on
-        ("b", "the guest reset or powered off by itself, no reboot was requested"),
+        ("b", "QEMU ended: the guest reset itself, no reboot was requested"),
+        ("o", "QEMU ended: the guest powered off by itself"),
     ],
 )
 def test_guest_crash_is_a_testbed_failure(

@@ -17,11 +17,9 @@ KVM on this project's machines cannot run a stock kernel (shared/MACHINE-NOTES.m
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -36,12 +34,25 @@ from nestbed.guest.agent import PORT_NAME
 from nestbed.guest.channel import Channel, ChannelError
 from nestbed.image.cache import ImagePaths
 from nestbed.image.proc import CommandFailed, cmdline, run, spawn, stop
+from nestbed.qemu.qmp import Event, QMPClient, QMPError
 
 BASE_SERIAL = "nestbed-base"
 SHELL_SOCKET = "ttyS1.sock"  # the second serial port, when the guest has a root shell there
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 BOOT_MODES = ("kernel", "bios", "efi")
+QMP_TIMEOUT = 10.0  # one QMP command's reply; QEMU answers in milliseconds when well
+
+# Why QEMU ended, by the reason of its SHUTDOWN event. A guest reset ends QEMU only while
+# no reboot is allowed (reboot action "shutdown": see launch), hence "no reboot was
+# requested"; "host-qmp-quit" is shutdown() itself.
+SHUTDOWN_NOTES = {
+    "guest-reset": "QEMU ended: the guest reset itself, no reboot was requested",
+    "guest-shutdown": "QEMU ended: the guest powered off by itself",
+    "guest-panic": "QEMU ended: the guest panicked",
+    "host-signal": "QEMU ended: it was sent a signal",
+    "host-qmp-quit": "QEMU ended: it was told to quit",
+}
 
 
 class MachineError(TestbedFailure):
@@ -133,6 +144,7 @@ class Machine:
         self._proc: subprocess.Popen[bytes] | None = None
         self._qemu_log: BinaryIO | None = None
         self._channel: Channel | None = None
+        self._qmp: QMPClient | None = None  # kept after shutdown: its events say how QEMU ended
         self._argv: list[str] = []
         self._boot_files: tuple[Path, Path] | None = None  # unpacked kernel and initrd
         self.console_output = ""  # the console's tail, kept after shutdown
@@ -143,10 +155,6 @@ class Machine:
     def _path(self, name: str) -> Path:
         assert self._tmp is not None, "machine not launched"
         return self._tmp / name
-
-    def path(self, name: str) -> Path:
-        """A file in the machine's private temporary directory (removed at shutdown)."""
-        return self._path(name)
 
     def socket_path(self, name: str) -> Path:
         """A unix socket of the machine's (removed at shutdown): in the private directory,
@@ -285,6 +293,7 @@ class Machine:
                 if time.monotonic() > deadline:
                     raise MachineError("QEMU did not create its sockets in time")
                 time.sleep(0.02)
+            self._qmp = self._connect_qmp(deadline)
             if before_connect is not None:
                 before_connect(deadline)
             self._connect(deadline)
@@ -317,15 +326,39 @@ class Machine:
             except ChannelError:
                 continue
 
+    def _connect_qmp(self, deadline: float) -> QMPClient:
+        # the whole launch's time: QEMU loading a saved state may be slow to greet
+        try:
+            return QMPClient.connect(self.qmp_socket, timeout=max(1.0, deadline - time.monotonic()))
+        except QMPError as e:
+            self._check_alive("QEMU exited during start-up")
+            raise MachineError(str(e)) from None
+
+    def events(self) -> list[Event]:
+        """QMP's events so far (SHUTDOWN, RESET, STOP, GUEST_PANICKED, ...), oldest first."""
+        return [] if self._qmp is None else self._qmp.events()
+
     def exit_note(self) -> str:
-        """Why QEMU is gone, for messages ("" while it runs or before it started)."""
+        """Why QEMU is gone, for messages ("" while it runs or before it started): what its
+        QMP events said, else what its exit status says."""
         rc = None if self._proc is None else self._proc.poll()
         if rc is None:
             return ""
-        if rc == 0:  # reboot action "shutdown" (see launch), or the guest powered off
-            return "QEMU ended: the guest reset or powered off by itself, no reboot was requested"
+        if self._qmp is not None:
+            # QEMU closes the connection as it exits: by then every event is read
+            self._qmp.wait_closed(timeout=1.0)
+        names = [e.name for e in self.events()]
+        if "GUEST_PANICKED" in names:
+            return SHUTDOWN_NOTES["guest-panic"]
+        reasons = [str(e.data.get("reason", "")) for e in self.events() if e.name == "SHUTDOWN"]
+        if reasons and reasons[-1] in SHUTDOWN_NOTES:
+            return SHUTDOWN_NOTES[reasons[-1]]
+        if reasons:
+            return f"QEMU ended: {reasons[-1] or 'a shutdown'} (QMP SHUTDOWN reason)"
         if rc < 0:
             return f"QEMU was killed by signal {-rc}"
+        if rc == 0:  # ended without saying why (no QMP connection, or it broke)
+            return "QEMU ended: the guest reset or powered off by itself, no reboot was requested"
         return f"QEMU exited with status {rc}"
 
     def _check_alive(self, what: str) -> None:
@@ -358,29 +391,20 @@ class Machine:
         return self._channel
 
     def qmp(self, command: str, **arguments: Any) -> Any:
-        """One QMP command on a fresh connection; returns its 'return' value."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(10)
-            s.connect(os.fspath(self.qmp_socket))
-            f = s.makefile("rwb")
-            json.loads(f.readline())  # greeting
-            for cmd, args in (("qmp_capabilities", {}), (command, arguments)):
-                f.write(json.dumps({"execute": cmd, "arguments": args}).encode() + b"\n")
-                f.flush()
-                while True:
-                    reply = json.loads(f.readline())
-                    if "return" in reply or "error" in reply:
-                        break  # events in between are skipped
-                if "error" in reply:
-                    raise MachineError(f"QMP {cmd}: {reply['error'].get('desc')}")
-            return reply["return"]
+        """One QMP command on the machine's connection; returns its 'return' value."""
+        return self._qmp_execute(command, arguments, QMP_TIMEOUT)
+
+    def _qmp_execute(self, command: str, arguments: dict[str, Any], timeout: float) -> Any:
+        if self._qmp is None:
+            raise MachineError("machine not launched")
+        try:
+            return self._qmp.execute(command, arguments, timeout=timeout)
+        except QMPError as e:
+            raise MachineError(f"QMP {e}") from None
 
     def allow_guest_reboot(self, allowed: bool) -> None:
         """Let a guest reboot reset the machine (True) or end QEMU (False, the default)."""
-        try:
-            self.qmp("set-action", reboot="reset" if allowed else "shutdown")
-        except (OSError, ValueError) as e:
-            raise MachineError(f"QMP set-action: {e}") from None
+        self.qmp("set-action", reboot="reset" if allowed else "shutdown")
         self.reboot_allowed = allowed
 
     def save_state(self, path: Path, timeout: float = 120.0) -> None:
@@ -403,11 +427,14 @@ class Machine:
         """For a machine started with `-incoming`: wait until the state is loaded, resume."""
         while True:
             self._check_alive("QEMU exited while loading the saved state")
-            with contextlib.suppress(OSError, ValueError):
-                status = self.qmp("query-status").get("status")
-                if status in ("paused", "postmigrate", "prelaunch"):
-                    self.qmp("cont")
-                    return
+            remaining = max(0.1, deadline - time.monotonic())
+            # the monitor may not answer while the state loads: ask again until it does
+            status = None
+            with contextlib.suppress(MachineError):
+                status = self._qmp_execute("query-status", {}, min(remaining, 2.0)).get("status")
+            if status in ("paused", "postmigrate", "prelaunch"):
+                self.qmp("cont")
+                return
             if time.monotonic() > deadline:
                 raise MachineError("loading the saved state did not finish in time")
             time.sleep(0.02)
@@ -416,14 +443,11 @@ class Machine:
         """Stop the machine (QMP quit: the overlay is thrown away, so no guest shutdown is
         needed) and release everything."""
         if self.running:
-            with contextlib.suppress(OSError, MachineError, ValueError):
+            with contextlib.suppress(MachineError):
                 self.qmp("quit")
             assert self._proc is not None
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=timeout)
-        self._post_shutdown()
-
-    def kill(self) -> None:
         self._post_shutdown()
 
     def _post_shutdown(self) -> None:
@@ -434,6 +458,8 @@ class Machine:
         if self._proc is not None:
             stop(self._proc, grace=5.0)
             self._proc = None
+        if self._qmp is not None:
+            self._qmp.close()
         if self._qemu_log is not None:
             self._qemu_log.close()
             self._qemu_log = None
