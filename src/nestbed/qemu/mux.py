@@ -79,10 +79,13 @@ class _Client:
     queued: int = 0  # bytes ever queued in `out`
     sent: int = 0  # bytes ever sent from `out`
     inbox: queue.SimpleQueue[Frame] = field(default_factory=queue.SimpleQueue)
-    inbox_bytes: int = 0  # output payload in `inbox` not yet taken by the caller
+    # output payload put in `inbox` (by the thread) and taken from it (by the caller): each
+    # counter has one writer, so no update is lost
+    inbox_put: int = 0
+    inbox_taken: int = 0
 
     def buffered(self) -> int:
-        return len(self.out) + self.inbox_bytes
+        return len(self.out) + self.inbox_put - self.inbox_taken
 
 
 class Mux:
@@ -252,7 +255,7 @@ class Mux:
                     raise MuxDead("the testbed is closed") from None
                 continue
             if frame.type in _OUTPUT:
-                client.inbox_bytes -= len(frame.payload)
+                client.inbox_taken += len(frame.payload)
             return frame
 
     def buffered_bytes(self) -> int:
@@ -415,7 +418,7 @@ class Mux:
         if c.sock is None:
             # in-process: the request's own OUTPUT_ACKs return the window
             if ftype in _OUTPUT:
-                c.inbox_bytes += len(payload)
+                c.inbox_put += len(payload)
             c.inbox.put(Frame(ftype, cs, payload))
             return
         data = encode(ftype, cs, payload)
