@@ -20,6 +20,7 @@ from typing import Any
 from nestbed.guest.agent import NONCE_SIZE, STDIN_WINDOW, Frame, T, encode, encode_json
 
 EXIT_HELPER_FAILED = 255
+HELPER_NAME = "nestbed-virt-qemu"  # how the exec helper's own messages begin
 # what a host of this version asks for in its HELLO; an older agent ignores it
 HELLO_OPTIONS = {"output_acks": True}
 # an ERROR that begins so is the request's own fault (no such command, no such path for a

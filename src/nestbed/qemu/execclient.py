@@ -24,7 +24,13 @@ import socket
 import sys
 
 from nestbed.guest.agent import CHUNK, Decoder, T
-from nestbed.guest.frameclient import EXIT_HELPER_FAILED, Outcome, RequestStream, Writer
+from nestbed.guest.frameclient import (
+    EXIT_HELPER_FAILED,
+    HELPER_NAME,
+    Outcome,
+    RequestStream,
+    Writer,
+)
 
 __all__ = ["EXIT_HELPER_FAILED", "Outcome", "StreamError", "connect", "helper_argv", "main"]
 
@@ -185,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             sock.close()
     except StreamError as e:
-        sys.stderr.write(f"nestbed-virt-qemu: {e}\n")
+        sys.stderr.write(f"{HELPER_NAME}: {e}\n")
         return EXIT_HELPER_FAILED
     if outcome.error is not None:
-        sys.stderr.write(f"nestbed-virt-qemu: {outcome.error}\n")
+        sys.stderr.write(f"{HELPER_NAME}: {outcome.error}\n")
     return outcome.exit_status
 
 

@@ -29,6 +29,7 @@ reads `dead`.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import queue
@@ -44,7 +45,15 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from nestbed.guest.agent import CHUNK, Decoder, Frame, T, encode, encode_json
-from nestbed.guest.frameclient import HelloExchange, Outcome, RequestStream, Writer, output_window
+from nestbed.guest.frameclient import (
+    EXIT_HELPER_FAILED,
+    HELPER_NAME,
+    HelloExchange,
+    Outcome,
+    RequestStream,
+    Writer,
+    output_window,
+)
 
 PANIC_MARKERS = (b"Kernel panic - not syncing", b"---[ end Kernel panic")
 # bytes waiting for slow clients above which an agent without output windows is not read
@@ -242,6 +251,28 @@ class Mux:
         finally:
             self._requests.put((client, None))  # gone: its streams' processes are killed
             self._wake()
+
+    def run(
+        self, argv: list[str], *, stdin: bytes | None = None, timeout: float | None = None
+    ) -> tuple[int, bytes, bytes]:
+        """Run argv in the guest, captured: (exit status, stdout, stderr) as the exec helper
+        gives them (255 and the reason on stderr: the testbed was lost). Raises MuxTimeout."""
+        out, err = bytearray(), bytearray()
+        try:
+            outcome = self.request(
+                T.EXEC,
+                {"argv": argv, "stdin": stdin is not None},
+                stdin=None if stdin is None else io.BytesIO(stdin),
+                out=out.extend,
+                err=err.extend,
+                timeout=timeout,
+            )
+        except MuxDead as e:
+            err += f"{HELPER_NAME}: {e}\n".encode()
+            return EXIT_HELPER_FAILED, bytes(out), bytes(err)
+        if outcome.error is not None:
+            err += f"{HELPER_NAME}: {outcome.error}\n".encode()
+        return outcome.exit_status, bytes(out), bytes(err)
 
     def _next_frame(self, client: _Client, deadline: float | None) -> Frame:
         while True:

@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
-import io
 import os
 import secrets
 import shlex
@@ -53,7 +52,6 @@ from typing import BinaryIO, ClassVar, NoReturn
 from nestbed.errors import NestbedError
 from nestbed.guest.agent import T
 from nestbed.guest.channel import _safe_extract
-from nestbed.guest.frameclient import EXIT_HELPER_FAILED
 from nestbed.image import bare as bare_mod
 from nestbed.image import cache as cache_mod
 from nestbed.image import foreign as foreign_mod
@@ -453,30 +451,15 @@ class QemuServer(VirtServer):
     def execute(
         self, argv: Sequence[str], *, timeout: float | None = None, stdin: bytes | None = None
     ) -> subprocess.CompletedProcess[bytes]:
-        """Run argv in the guest through the multiplexer, in this process; the exit status
-        is the one the exec prefix would give (255: the testbed was lost)."""
+        """Run argv in the guest through the multiplexer, in this process, with the exit
+        status and messages the exec prefix would give."""
         mux = self._mux()
         self.debug(f"execute: {shlex.join(argv)}")
-        out, err = bytearray(), bytearray()
         try:
-            outcome = mux.request(
-                T.EXEC,
-                {"argv": list(argv), "stdin": stdin is not None},
-                stdin=None if stdin is None else io.BytesIO(stdin),
-                out=out.extend,
-                err=err.extend,
-                timeout=timeout,
-            )
+            status, out, err = mux.run(list(argv), stdin=stdin, timeout=timeout)
         except MuxTimeout:
             raise ServerFailure(f"timed out after {timeout}s on testbed command {argv}") from None
-        except MuxDead as e:
-            err += f"nestbed-virt-qemu: {e}\n".encode()
-            return subprocess.CompletedProcess(
-                list(argv), EXIT_HELPER_FAILED, bytes(out), bytes(err)
-            )
-        if outcome.error is not None:
-            err += f"nestbed-virt-qemu: {outcome.error}\n".encode()
-        return subprocess.CompletedProcess(list(argv), outcome.exit_status, bytes(out), bytes(err))
+        return subprocess.CompletedProcess(list(argv), status, out, err)
 
     def _mux(self) -> Mux:
         if self.mux is None:
