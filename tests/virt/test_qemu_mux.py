@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import signal
 import socket
@@ -15,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from nestbed.guest import frameclient
+from nestbed.guest.agent import OUTPUT_WINDOW, T
 from nestbed.qemu.execclient import helper_argv
-from nestbed.qemu.mux import Mux
+from nestbed.qemu.mux import BUFFER_LIMIT, Mux, MuxTimeout
 
 
 @dataclass
@@ -37,8 +41,7 @@ class Rig:
         return helper_argv(str(self.sock))
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
+def _rig(tmp_path: Path) -> Iterator[Rig]:
     host, guest = socket.socketpair()
     agent = subprocess.Popen(
         [sys.executable, "-m", "nestbed.guest.agent", "--fd", str(guest.fileno()), "--exit-on-eof"],
@@ -55,6 +58,19 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
         host.close()
         agent.kill()
         agent.wait()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    yield from _rig(tmp_path)
+
+
+@pytest.fixture
+def old_agent_rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
+    """A host that does not ask for output acks: the agent then runs as one from before
+    they existed (no output window), as in an image built by an older nestbed."""
+    monkeypatch.setattr(frameclient, "HELLO_OPTIONS", {})
+    yield from _rig(tmp_path)
 
 
 def test_streams_and_exit_status(rig: Rig) -> None:
@@ -135,3 +151,91 @@ def test_console_panic_kills_the_channel(rig: Rig, tmp_path: Path) -> None:
 def test_exec_prefix_has_no_commas() -> None:
     """autopkgtest splits the print-execute-command word on ',' after unquoting it."""
     assert not any("," in a for a in helper_argv("/tmp/x/exec.sock"))
+
+
+BIG = 64 << 20  # bytes a test prints: many output windows, yet quick
+PRINT_BIG = f"head -c {BIG} /dev/zero | tr '\\0' x"
+BIG_SHA = hashlib.sha256(b"x" * BIG).hexdigest()
+
+
+def _slow_read(rig: Rig, proc: subprocess.Popen[bytes]) -> tuple[str, int, int]:
+    """Read the helper's stdout slowly; the sha256 and size read, and the most the
+    multiplexer held meanwhile."""
+    assert proc.stdout is not None
+    digest, size, most = hashlib.sha256(), 0, 0
+    while chunk := proc.stdout.read(256 << 10):
+        digest.update(chunk)
+        size += len(chunk)
+        most = max(most, rig.mux.buffered_bytes())
+        time.sleep(0.002)
+    return digest.hexdigest(), size, most
+
+
+def test_large_output_to_a_slow_reader_is_complete_and_bounded(rig: Rig) -> None:
+    proc = subprocess.Popen([*rig.prefix(), "sh", "-c", PRINT_BIG], stdout=subprocess.PIPE)
+    sha, size, most = _slow_read(rig, proc)
+    assert proc.wait(30) == 0
+    assert (size, sha) == (BIG, BIG_SHA)
+    # the agent runs at most a window ahead of what the helper took (plus a frame in flight)
+    assert most <= OUTPUT_WINDOW + (256 << 10)
+
+
+def test_one_slow_reader_does_not_stall_another_stream(rig: Rig) -> None:
+    slow = subprocess.Popen([*rig.prefix(), "sh", "-c", PRINT_BIG], stdout=subprocess.PIPE)
+    time.sleep(0.5)  # its window is full: nobody reads it
+    start = time.monotonic()
+    rc, out, _ = rig.helper("sh", "-c", "head -c 5000000 /dev/zero | wc -c")
+    assert (rc, out) == (0, b"5000000\n")
+    assert time.monotonic() - start < 10
+    sha, size, _ = _slow_read(rig, slow)
+    assert slow.wait(30) == 0 and (size, sha) == (BIG, BIG_SHA)
+
+
+def test_an_older_agent_is_read_no_faster_than_its_clients(old_agent_rig: Rig) -> None:
+    rig = old_agent_rig
+    proc = subprocess.Popen([*rig.prefix(), "sh", "-c", PRINT_BIG], stdout=subprocess.PIPE)
+    sha, size, most = _slow_read(rig, proc)
+    assert proc.wait(30) == 0
+    assert (size, sha) == (BIG, BIG_SHA)
+    assert most <= BUFFER_LIMIT + (1 << 20)
+
+
+def test_in_process_request_streams_output_with_a_bounded_buffer(rig: Rig) -> None:
+    digest, most, size = hashlib.sha256(), 0, 0
+
+    def slow_writer(data: bytes) -> None:
+        nonlocal most, size
+        digest.update(data)
+        size += len(data)
+        most = max(most, rig.mux.buffered_bytes())
+        time.sleep(0.0005)
+
+    errors = bytearray()
+    outcome = rig.mux.request(
+        T.EXEC, {"argv": ["sh", "-c", PRINT_BIG]}, out=slow_writer, err=errors.extend
+    )
+    assert outcome.exit_status == 0 and errors == b""
+    assert (size, digest.hexdigest()) == (BIG, BIG_SHA)
+    assert most <= OUTPUT_WINDOW + (256 << 10)
+
+
+def test_in_process_request_stdin_status_and_timeout(rig: Rig) -> None:
+    out = bytearray()
+    blob = os.urandom(3 << 20)  # more than the stdin window
+    outcome = rig.mux.request(
+        T.EXEC,
+        {"argv": ["cat"], "stdin": True},
+        stdin=io.BytesIO(blob),
+        out=out.extend,
+        err=out.extend,
+    )
+    assert outcome.exit_status == 0 and out == blob
+    missing = rig.mux.request(T.EXEC, {"argv": ["/nonexistent"]}, out=out.extend, err=out.extend)
+    assert missing.exit_status == 127 and missing.request_fault
+    with pytest.raises(MuxTimeout):
+        rig.mux.request(
+            T.EXEC, {"argv": ["sleep", "30"]}, out=out.extend, err=out.extend, timeout=0.5
+        )
+    # the channel is still usable, and the helpers still work beside it
+    assert rig.mux.request(T.EXEC, {"argv": ["true"]}, out=out.extend, err=out.extend).status == 0
+    assert rig.helper("true")[0] == 0

@@ -39,6 +39,9 @@ HEADER = struct.Struct(">2sBBII")  # magic, type, flags, stream, length
 MAX_PAYLOAD = 1 << 20
 CHUNK = 64 * 1024
 STDIN_WINDOW = 1 << 20  # bytes of stdin the host may have unacknowledged per stream
+# bytes of a stream's output the agent sends ahead of the host's OUTPUT_ACKs, when the
+# host's HELLO asked for output acks: the host buffers at most this much per stream
+OUTPUT_WINDOW = 1 << 20
 EXIT_GRACE = 2.0  # seconds to wait for stdout/stderr EOF after the process exited
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -53,6 +56,7 @@ class T(enum.IntEnum):
     SIGNAL = 0x05  # payload: JSON {"signal": N}; sent to the process group
     PUT = 0x06  # payload: JSON {"path": DIR}; a tar stream follows as STDIN frames
     GET = 0x07  # payload: JSON {"path": PATH}; the tar stream comes back as STDOUT
+    OUTPUT_ACK = 0x08  # payload: 8-byte count of STDOUT/STDERR payload bytes consumed
     HELLO_REPLY = 0x81  # payload: the nonce, then JSON facts about the agent
     PONG = 0x82
     STARTED = 0x83  # payload: JSON {"pid": N}
@@ -144,6 +148,8 @@ class Session:
         self.stdin_eof = False  # the host has closed stdin (written once the buffer drains)
         self.readers: dict[int, int] = {}  # fd -> STDOUT/STDERR
         self.exited_at: float | None = None
+        self.output_unacked = 0  # output bytes sent that the host has not acknowledged
+        self.paused = False  # the output window is full: its pipes are not read
 
 
 def _environment(request: dict[str, Any], user: pwd.struct_passwd | None) -> dict[str, str]:
@@ -176,6 +182,7 @@ class Agent:
         _set_nonblocking(self.wake_r)
         _set_nonblocking(self.wake_w)
         self.connected = False
+        self.output_acks = False  # the host's HELLO asked for OUTPUT_ACK flow control
 
     # -- output -------------------------------------------------------------------------
     def send(self, data: bytes) -> None:
@@ -253,13 +260,18 @@ class Agent:
         t, stream = frame.type, frame.stream
         if t == T.HELLO:
             self.reset()
-            info = {
+            # after the nonce, a newer host says what it supports (an older one sends none)
+            options = _json_or_empty(frame.payload[NONCE_SIZE:])
+            self.output_acks = options.get("output_acks") is True
+            info: dict[str, Any] = {
                 "protocol": PROTOCOL_VERSION,
                 "agent_pid": os.getpid(),
                 "uid": os.getuid(),
                 "boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
                 "kernel": os.uname().release,
             }
+            if self.output_acks:
+                info["output_window"] = OUTPUT_WINDOW
             reply = frame.payload[:NONCE_SIZE].ljust(NONCE_SIZE, b"\0")
             self.send(encode(T.HELLO_REPLY, stream, reply + json.dumps(info).encode()))
         elif t == T.PING:
@@ -282,6 +294,13 @@ class Agent:
             else:
                 session.stdin_eof = True
             self.update_stdin(session)
+        elif t == T.OUTPUT_ACK:
+            session = self.sessions.get(stream)
+            if session is not None and len(frame.payload) == 8:
+                (consumed,) = struct.unpack(">Q", frame.payload)
+                session.output_unacked = max(0, session.output_unacked - consumed)
+                if session.paused and session.output_unacked < OUTPUT_WINDOW:
+                    self.watch_output(session, True)
         elif t == T.SIGNAL:
             session = self.sessions.get(stream)
             if session is not None:
@@ -377,6 +396,8 @@ class Agent:
 
     # -- output and exit ----------------------------------------------------------------
     def read_output(self, session: Session, fd: int) -> None:
+        if session.paused:
+            return
         try:
             data = os.read(fd, CHUNK)
         except BlockingIOError:
@@ -387,9 +408,26 @@ class Agent:
         self.send(encode(ftype, session.stream, data))
         if not data:
             self.close_reader(session, fd)
+            return
+        session.output_unacked += len(data)
+        if self.output_acks and session.output_unacked >= OUTPUT_WINDOW:
+            # the host has not caught up: leave the rest in the pipes, so the process
+            # waits on its writes instead of the host buffering without bound
+            self.watch_output(session, False)
+
+    def watch_output(self, session: Session, on: bool) -> None:
+        """Read the session's output pipes again (on) or stop reading them (off)."""
+        session.paused = not on
+        registered = self.sel.get_map()
+        for fd in session.readers:
+            if on and fd not in registered:
+                self.sel.register(fd, selectors.EVENT_READ, ("out", session.stream))
+            elif not on and fd in registered:
+                self.sel.unregister(fd)
 
     def close_reader(self, session: Session, fd: int) -> None:
-        self.sel.unregister(fd)
+        if fd in self.sel.get_map():
+            self.sel.unregister(fd)
         del session.readers[fd]
         for pipe in (session.proc.stdout, session.proc.stderr):
             if pipe is not None and not pipe.closed and pipe.fileno() == fd:
@@ -402,6 +440,11 @@ class Agent:
                 if session.proc.poll() is None:
                     continue
                 session.exited_at = now
+            if session.paused and session.readers:
+                # output the host has yet to take: the grace for a background child's
+                # pipes counts from when the host has caught up
+                session.exited_at = now
+                continue
             if session.readers and now - session.exited_at < EXIT_GRACE:
                 # drain what is already there; a background child may hold the pipe open
                 for fd in list(session.readers):
@@ -443,6 +486,13 @@ def _json(payload: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise RequestError("request must be a JSON object")
     return obj
+
+
+def _json_or_empty(payload: bytes) -> dict[str, Any]:
+    try:
+        return _json(payload)
+    except RequestError:
+        return {}
 
 
 def _put_request(request: dict[str, Any]) -> dict[str, Any]:

@@ -10,12 +10,10 @@ protocol.
 from __future__ import annotations
 
 import io
-import json
 import os
 import secrets
 import selectors
 import socket
-import struct
 import tarfile
 import time
 from collections.abc import Callable
@@ -24,16 +22,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from nestbed.errors import TestbedFailure
-from nestbed.guest.agent import (
-    CHUNK,
-    NONCE_SIZE,
-    STDIN_WINDOW,
-    Decoder,
-    Frame,
-    T,
-    encode,
-    encode_json,
-)
+from nestbed.guest.agent import CHUNK, STDIN_WINDOW, Decoder, Frame, T, encode, encode_json
+from nestbed.guest.frameclient import HelloExchange, RequestStream, output_window
 
 
 class ChannelError(TestbedFailure):
@@ -156,18 +146,6 @@ class Channel:
             if frames:
                 return frames
 
-    def _flush(self, deadline: float | None) -> None:
-        while self._out:
-            self._sel.modify(self.sock, selectors.EVENT_WRITE)
-            if not self._sel.select(_remaining(deadline)):
-                raise ChannelTimeout("cannot write to the guest agent")
-            try:
-                del self._out[: self.sock.send(self._out)]
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                raise ChannelError(f"control channel write failed: {e}") from None
-
     # -- requests -----------------------------------------------------------------------
     def hello(self, timeout: float | None = 60.0, resend: float = 1.0) -> dict[str, Any]:
         """Resynchronise: the agent drops every stream and answers with our nonce.
@@ -175,14 +153,12 @@ class Channel:
         Data sent before the agent opened its port is discarded by the guest kernel, so
         the hello is repeated every `resend` seconds until one is answered."""
         deadline = _deadline(timeout)
-        nonces: set[bytes] = set()
+        exchange = HelloExchange()
         next_send = 0.0
         while True:
             now = time.monotonic()
             if now >= next_send:
-                nonce = secrets.token_bytes(NONCE_SIZE)
-                nonces.add(nonce)
-                self._send(encode(T.HELLO, 0, nonce))
+                self._send(exchange.frame())
                 next_send = now + resend
             wait = next_send - time.monotonic()
             rem = _remaining(deadline)
@@ -194,8 +170,9 @@ class Channel:
             except ChannelTimeout:
                 continue
             for frame in frames:
-                if frame.type == T.HELLO_REPLY and frame.payload[:NONCE_SIZE] in nonces:
-                    self.info = json.loads(frame.payload[NONCE_SIZE:] or b"{}")
+                info = exchange.reply(frame)
+                if info is not None:
+                    self.info = info
                     return self.info
 
     def ping(self, payload: bytes = b"", timeout: float | None = 10.0) -> float:
@@ -280,47 +257,36 @@ class Channel:
         self._next_stream = self._next_stream % 0xFFFFFFFF + 1
         deadline = _deadline(timeout)
         captured = {T.STDOUT: bytearray(), T.STDERR: bytearray()}
-        sinks = {
-            T.STDOUT: _sink(stdout, captured[T.STDOUT]),
-            T.STDERR: _sink(stderr, captured[T.STDERR]),
-        }
+        frames = RequestStream(
+            stream,
+            _sink(stdout, captured[T.STDOUT]),
+            _sink(stderr, captured[T.STDERR]),
+            output_acks=output_window(self.info) > 0,
+        )
         source: BinaryIO | None = io.BytesIO(stdin) if isinstance(stdin, bytes) else stdin
-        in_flight = 0
-        started = False
-        self._send(encode_json(ftype, stream, request))
+        self._send(frames.request(ftype, request))
         try:
             while True:
-                if started and source is not None:
-                    while in_flight < STDIN_WINDOW and len(self._out) < STDIN_WINDOW:
-                        chunk = source.read(min(CHUNK, STDIN_WINDOW - in_flight))
-                        self._send(encode(T.STDIN, stream, chunk or b""))
+                if source is not None:
+                    while (room := frames.stdin_room()) and len(self._out) < STDIN_WINDOW:
+                        chunk = source.read(min(CHUNK, room))
+                        self._send(frames.stdin(chunk or b""))
                         if not chunk:
                             source = None
                             break
-                        in_flight += len(chunk)
                 for frame in self._pump(deadline, what):
-                    if frame.stream != stream:
+                    outcome = frames.feed(frame)
+                    if outcome is None:
                         continue
-                    t = frame.type
-                    if t == T.STARTED:
-                        started = True
-                    elif t in (T.STDOUT, T.STDERR):
-                        if frame.payload:
-                            sinks[T(t)](frame.payload)
-                    elif t == T.ACK:
-                        (n,) = struct.unpack(">Q", frame.payload)
-                        in_flight -= n
-                    elif t == T.EXIT:
-                        result = json.loads(frame.payload)
-                        return ExecResult(
-                            result.get("status"),
-                            result.get("signal"),
-                            bytes(captured[T.STDOUT]),
-                            bytes(captured[T.STDERR]),
-                        )
-                    elif t == T.ERROR:
-                        message = json.loads(frame.payload).get("message", "error")
-                        raise ExecError(f"{what}: {message}")
+                    if outcome.error is not None:
+                        raise ExecError(f"{what}: {outcome.error}")
+                    return ExecResult(
+                        outcome.status,
+                        outcome.signal,
+                        bytes(captured[T.STDOUT]),
+                        bytes(captured[T.STDERR]),
+                    )
+                self._send(frames.acks())
         except ChannelTimeout:
             self._abort(stream)
             raise ChannelTimeout(f"timed out after {timeout} s: {what}") from None

@@ -9,50 +9,37 @@ gives 128+N; 255 means this helper itself failed (no testbed, channel lost), whi
 treat as a testbed failure. SIGTERM/SIGINT/SIGHUP are forwarded to the command; if this
 process is killed outright, the multiplexer sees the connection close and kills the command.
 
-`stream()` is the same loop as a function; the virt server uses it for copies (PUT/GET tar
-streams). Stdlib only, plus the frame format from `nestbed.guest.agent`, so it starts fast.
+The frames of the request are the shared client's (`nestbed.guest.frameclient`, which the
+virt server's own in-process requests use too); this module only moves the bytes between
+the socket and this process' file descriptors. Stdlib only, so it starts fast.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import selectors
 import signal
 import socket
-import struct
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 
-from nestbed.guest.agent import CHUNK, STDIN_WINDOW, Decoder, T, encode, encode_json
+from nestbed.guest.agent import CHUNK, Decoder, T
+from nestbed.guest.frameclient import (
+    EXIT_HELPER_FAILED,
+    HELPER_NAME,
+    Outcome,
+    RequestStream,
+    Writer,
+)
 
-EXIT_HELPER_FAILED = 255
+__all__ = ["EXIT_HELPER_FAILED", "Outcome", "StreamError", "connect", "helper_argv", "main"]
+
 _STREAM = 1
 _FORWARD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class StreamError(Exception):
     """The helper's own failure: no testbed, channel lost, request refused."""
-
-
-@dataclass(frozen=True)
-class Outcome:
-    status: int | None
-    signal: int | None
-    error: str | None  # the agent could not start the command
-
-    @property
-    def exit_status(self) -> int:
-        if self.error is not None:
-            return 127 if "No such file" in self.error else 126
-        if self.signal is not None:
-            return 128 + self.signal
-        return self.status if self.status is not None else EXIT_HELPER_FAILED
-
-
-Writer = Callable[[bytes], None]
 
 
 def connect(path: str) -> socket.socket:
@@ -78,20 +65,21 @@ def stream(
     """Run one request (EXEC, PUT or GET) on a connected socket until its EXIT or ERROR.
 
     stdin_fd is read until EOF and sent as the stream's stdin (None: no stdin). Signals
-    noted in `pending_signals` (woken through `signal_fd`) are forwarded."""
+    noted in `pending_signals` (woken through `signal_fd`) are forwarded. The output window
+    is the multiplexer's business: it returns it as it hands output to this socket."""
     sel = selectors.PollSelector()  # poll, unlike epoll, accepts regular files as stdin
     sock.setblocking(False)
     decoder = Decoder()
-    outbuf = bytearray(encode_json(ftype, _STREAM, request))
-    started = False
-    in_flight = 0
+    frames = RequestStream(_STREAM, out, err)
+    outbuf = bytearray(frames.request(ftype, request))
     stdin_open = stdin_fd is not None
     sel.register(sock, selectors.EVENT_READ, "sock")
     if signal_fd is not None:
         sel.register(signal_fd, selectors.EVENT_READ, "signal")
     try:
         while True:
-            want_stdin = started and stdin_open and in_flight < STDIN_WINDOW and len(outbuf) < CHUNK
+            room = frames.stdin_room()
+            want_stdin = stdin_open and room > 0 and len(outbuf) < CHUNK
             if stdin_fd is not None:
                 registered = stdin_fd in sel.get_map()
                 if want_stdin and not registered:
@@ -104,21 +92,19 @@ def stream(
             for key, events in sel.select():
                 if key.data == "stdin":
                     try:
-                        data = os.read(key.fd, min(CHUNK, STDIN_WINDOW - in_flight))
+                        data = os.read(key.fd, min(CHUNK, room))
                     except BlockingIOError:
                         continue
                     except OSError:
                         data = b""
-                    outbuf += encode(T.STDIN, _STREAM, data)
-                    in_flight += len(data)
+                    outbuf += frames.stdin(data)
                     if not data:
                         stdin_open = False
                 elif key.data == "signal":
                     with contextlib.suppress(OSError):
                         os.read(key.fd, 256)
                     while pending_signals:
-                        signum = pending_signals.pop(0)
-                        outbuf += encode_json(T.SIGNAL, _STREAM, {"signal": signum})
+                        outbuf += frames.signal(pending_signals.pop(0))
                 elif key.data == "sock":
                     if events & selectors.EVENT_WRITE and outbuf:
                         try:
@@ -138,29 +124,12 @@ def stream(
                     if not data:
                         raise StreamError("lost the testbed (the channel closed)")
                     for frame in decoder.feed(data):
-                        t = frame.type
-                        if frame.stream != _STREAM:
+                        outcome = frames.feed(frame)
+                        if outcome is None:
                             continue
-                        if t == T.STARTED:
-                            started = True
-                        elif t == T.STDOUT:
-                            if frame.payload:
-                                out(frame.payload)
-                        elif t == T.STDERR:
-                            if frame.payload:
-                                err(frame.payload)
-                        elif t == T.ACK:
-                            in_flight -= struct.unpack(">Q", frame.payload)[0]
-                        elif t == T.EXIT:
-                            result = json.loads(frame.payload)
-                            return Outcome(result.get("status"), result.get("signal"), None)
-                        elif t == T.ERROR:
-                            message = str(json.loads(frame.payload).get("message", "error"))
-                            # the request's own fault (no such command, no such path for
-                            # a copy): a failed command or copy, not a lost testbed
-                            if message.startswith(("cannot run", "get:", "put:")):
-                                return Outcome(None, None, message)
-                            raise StreamError(message)
+                        if outcome.error is not None and not outcome.request_fault:
+                            raise StreamError(outcome.error)
+                        return outcome
     finally:
         sel.close()
 
@@ -222,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             sock.close()
     except StreamError as e:
-        sys.stderr.write(f"nestbed-virt-qemu: {e}\n")
+        sys.stderr.write(f"{HELPER_NAME}: {e}\n")
         return EXIT_HELPER_FAILED
     if outcome.error is not None:
-        sys.stderr.write(f"nestbed-virt-qemu: {outcome.error}\n")
+        sys.stderr.write(f"{HELPER_NAME}: {outcome.error}\n")
     return outcome.exit_status
 
 

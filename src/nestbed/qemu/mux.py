@@ -1,10 +1,12 @@
-"""One guest agent channel shared by many short-lived clients: the exec multiplexer.
+"""One guest agent channel shared by many clients: the exec multiplexer.
 
-The virt server owns the single virtio-serial connection to the guest agent. It listens on a
-private unix socket; each client (an exec helper started by the runner, or the server itself
-for copies) speaks the agent's own frame format there (docs/agent.md) with its own stream
-ids. The multiplexer maps every client stream to a stream id of its own on the agent channel
-and routes frames both ways, so many commands can run at once over one port.
+The virt server owns the single virtio-serial connection to the guest agent. Every request
+to the guest goes through this multiplexer: the exec helpers the runner starts (the exec
+prefix, separate processes) connect to a private unix socket and speak the agent's own frame
+format there (docs/agent.md) with their own stream ids; the server's own commands and copies
+call `Mux.request` in-process. The multiplexer maps every client stream to a stream id of
+its own on the agent channel and routes frames both ways, so many commands can run at once
+over one port.
 
 - EXEC, PUT, GET, STDIN and SIGNAL frames from clients are forwarded (stream id rewritten);
   PING is answered locally; HELLO is refused (it would reset the agent for everyone).
@@ -13,44 +15,86 @@ and routes frames both ways, so many commands can run at once over one port.
   killing an exec helper kills the command in the guest.
 - When the channel breaks (QEMU died) or the console shows a kernel panic, the multiplexer
   is `dead`: every client is disconnected (helpers exit 255) and new ones are refused.
+- Output is flow-controlled per stream: an agent that offers an output window (its HELLO
+  reply says `output_window`) gets it back as the multiplexer hands the output on (to a
+  helper's socket, or to an in-process request's writer), so the memory held here is at
+  most a window per stream, whatever a command prints and however slowly its reader
+  reads. An older agent, without windows, is not read while more than `BUFFER_LIMIT` bytes
+  wait for slow clients.
 
-It runs in a thread; the server's main thread only calls `start`, `hello`, `stop` and reads
-`dead`.
+It runs in a thread; the server's main thread calls `start`, `hello`, `request`, `stop` and
+reads `dead`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
-import secrets
+import queue
 import selectors
 import socket
+import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from nestbed.guest.agent import CHUNK, NONCE_SIZE, Decoder, T, encode, encode_json
+from nestbed.guest.agent import CHUNK, Decoder, Frame, T, encode, encode_json
+from nestbed.guest.frameclient import (
+    EXIT_HELPER_FAILED,
+    HELPER_NAME,
+    HelloExchange,
+    Outcome,
+    RequestStream,
+    Writer,
+    output_window,
+)
 
 PANIC_MARKERS = (b"Kernel panic - not syncing", b"---[ end Kernel panic")
+# bytes waiting for slow clients above which an agent without output windows is not read
+BUFFER_LIMIT = 8 << 20
 _FORWARDED = (T.EXEC, T.PUT, T.GET)
+_OUTPUT = (T.STDOUT, T.STDERR)
 _LAST = (T.EXIT, T.ERROR)
+_LOCAL_STREAM = 1  # an in-process request is a client with one stream
 
 
 class MuxDead(Exception):
     """The agent channel is gone; the message says why."""
 
 
+class MuxTimeout(Exception):
+    """An in-process request ran out of time (its processes were killed)."""
+
+
 @dataclass(eq=False)
 class _Client:
-    sock: socket.socket
+    """An exec helper on the socket (`sock`), or an in-process request (`sock` None, its
+    frames handed over through `inbox`)."""
+
+    sock: socket.socket | None
     decoder: Decoder = field(default_factory=Decoder)
     out: bytearray = field(default_factory=bytearray)
     streams: dict[int, int] = field(default_factory=dict)  # client stream -> agent stream
     closed: bool = False
+    # output frames in `out` whose window goes back to the agent once sent: (the client's
+    # byte count at which the frame ends, agent stream, payload bytes)
+    unsent_output: deque[tuple[int, int, int]] = field(default_factory=deque)
+    queued: int = 0  # bytes ever queued in `out`
+    sent: int = 0  # bytes ever sent from `out`
+    inbox: queue.SimpleQueue[Frame] = field(default_factory=queue.SimpleQueue)
+    # output payload put in `inbox` (by the thread) and taken from it (by the caller): each
+    # counter has one writer, so no update is lost
+    inbox_put: int = 0
+    inbox_taken: int = 0
+
+    def buffered(self) -> int:
+        return len(self.out) + self.inbox_put - self.inbox_taken
 
 
 class Mux:
@@ -64,7 +108,9 @@ class Mux:
         alive: Callable[[], bool] | None = None,
         exit_note: Callable[[], str] | None = None,
         reset_expected: Callable[[], bool] | None = None,
+        agent_info: dict[str, Any] | None = None,
     ) -> None:
+        """`agent` is connected and said hello (`agent_info` is its reply)."""
         self._agent = agent
         self._agent_path = agent_path  # to reconnect when QEMU drops the connection
         self._alive = alive
@@ -87,12 +133,19 @@ class Mux:
         self._clients: set[_Client] = set()
         self._routes: dict[int, tuple[_Client | None, int]] = {}
         self._next = 1
+        # the agent's output window (0: an agent without one), and per agent stream the
+        # output bytes handed to clients or dropped that the agent has not had back yet
+        self._window = output_window(agent_info or {})
+        self._unacked: dict[int, int] = {}
+        self._agent_events = 0  # what the selector watches on the agent socket
+        # in-process requests' frames for the thread: (client, frame), None frame: done
+        self._requests: queue.SimpleQueue[tuple[_Client, Frame | None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.dead: str | None = None
         # hello requested by the main thread: nonces sent, when to resend, the reply
-        self._hello_nonces: set[bytes] = set()
+        self._hello = HelloExchange()
         self._hello_wanted = False
         self._hello_next = 0.0
         self._hello_reply: dict[str, Any] | None = None
@@ -148,6 +201,99 @@ class Mux:
                 return reply
             time.sleep(0.5)
 
+    def request(
+        self,
+        ftype: T,
+        request: dict[str, Any],
+        *,
+        stdin: BinaryIO | None = None,
+        out: Writer,
+        err: Writer,
+        timeout: float | None = None,
+    ) -> Outcome:
+        """Run one request (EXEC, PUT or GET) in the guest from this process, as an exec
+        helper would: stdin is read until EOF, output goes to `out` and `err` as it comes.
+
+        Returns how it ended (an ERROR that is the request's own fault, such as no such
+        program, is an Outcome too). Raises MuxDead when the channel is lost or reset, and
+        MuxTimeout after `timeout` seconds; either way its processes are killed."""
+        if self.dead is not None:
+            raise MuxDead(f"the testbed is gone ({self.dead})")
+        if self._thread is None:
+            raise MuxDead("the testbed is closed")
+        client = _Client(None)
+        frames = RequestStream(_LOCAL_STREAM, out, err, output_acks=self._window > 0)
+        decoder = Decoder()
+
+        def send(data: bytes) -> None:
+            for frame in decoder.feed(data):
+                self._requests.put((client, frame))
+            self._wake()
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        send(frames.request(ftype, request))
+        try:
+            while True:
+                while stdin is not None and (room := frames.stdin_room()):
+                    chunk = stdin.read(min(CHUNK, room))
+                    send(frames.stdin(chunk or b""))
+                    if not chunk:
+                        stdin = None
+                frame = self._next_frame(client, deadline)
+                outcome = frames.feed(frame)
+                if acks := frames.acks():
+                    send(acks)
+                if outcome is None:
+                    continue
+                if outcome.error is not None and not outcome.request_fault:
+                    raise MuxDead(outcome.error)
+                return outcome
+        finally:
+            self._requests.put((client, None))  # gone: its streams' processes are killed
+            self._wake()
+
+    def run(
+        self, argv: list[str], *, stdin: bytes | None = None, timeout: float | None = None
+    ) -> tuple[int, bytes, bytes]:
+        """Run argv in the guest, captured: (exit status, stdout, stderr) as the exec helper
+        gives them (255 and the reason on stderr: the testbed was lost). Raises MuxTimeout."""
+        out, err = bytearray(), bytearray()
+        try:
+            outcome = self.request(
+                T.EXEC,
+                {"argv": argv, "stdin": stdin is not None},
+                stdin=None if stdin is None else io.BytesIO(stdin),
+                out=out.extend,
+                err=err.extend,
+                timeout=timeout,
+            )
+        except MuxDead as e:
+            err += f"{HELPER_NAME}: {e}\n".encode()
+            return EXIT_HELPER_FAILED, bytes(out), bytes(err)
+        if outcome.error is not None:
+            err += f"{HELPER_NAME}: {outcome.error}\n".encode()
+        return outcome.exit_status, bytes(out), bytes(err)
+
+    def _next_frame(self, client: _Client, deadline: float | None) -> Frame:
+        while True:
+            wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            if wait <= 0:
+                raise MuxTimeout("timed out")
+            try:
+                frame = client.inbox.get(timeout=wait)
+            except queue.Empty:
+                if self._stopping:
+                    raise MuxDead("the testbed is closed") from None
+                continue
+            if frame.type in _OUTPUT:
+                client.inbox_taken += len(frame.payload)
+            return frame
+
+    def buffered_bytes(self) -> int:
+        """Bytes from the agent held for clients that have not taken them yet (a snapshot:
+        the thread changes it)."""
+        return sum(c.buffered() for c in list(self._clients))
+
     def _wake(self) -> None:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
@@ -157,9 +303,11 @@ class Mux:
         self._sel.register(self._agent, selectors.EVENT_READ, "agent")
         self._sel.register(self._listener, selectors.EVENT_READ, "listen")
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._agent_events = selectors.EVENT_READ
         try:
             while not self._stopping:
                 self._maybe_hello()
+                self._take_requests()
                 self._update_interest()
                 for key, events in self._sel.select(0.5):
                     tag = key.data
@@ -184,11 +332,36 @@ class Mux:
 
     def _update_interest(self) -> None:
         if self.dead is None:
-            ev = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._agent_out else 0)
-            self._sel.modify(self._agent, ev, "agent")
+            # an agent without output windows waits while slow clients have a lot to take
+            full = not self._window and self.buffered_bytes() > BUFFER_LIMIT
+            ev = (0 if full else selectors.EVENT_READ) | (
+                selectors.EVENT_WRITE if self._agent_out else 0
+            )
+            if ev != self._agent_events:
+                if not ev:
+                    self._sel.unregister(self._agent)
+                elif not self._agent_events:
+                    self._sel.register(self._agent, ev, "agent")
+                else:
+                    self._sel.modify(self._agent, ev, "agent")
+                self._agent_events = ev
         for c in self._clients:
-            ev = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)
-            self._sel.modify(c.sock, ev, c)
+            if c.sock is not None:
+                ev = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)
+                self._sel.modify(c.sock, ev, c)
+
+    def _take_requests(self) -> None:
+        """The frames of in-process requests, as if read from a client's socket."""
+        while True:
+            try:
+                client, frame = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            if frame is None:
+                self._drop(client)
+            elif not client.closed:
+                self._clients.add(client)
+                self._client_frame(client, frame)
 
     def _maybe_hello(self) -> None:
         with self._lock:
@@ -199,26 +372,26 @@ class Mux:
             now = time.monotonic()
             if now < self._hello_next:
                 return
-            nonce = secrets.token_bytes(NONCE_SIZE)
-            self._hello_nonces.add(nonce)
             self._hello_next = now + 1.0
-        self._agent_out += encode(T.HELLO, 0, nonce)
+        self._agent_out += self._hello.frame()
 
     def _die(self, why: str) -> None:
         if self.dead is None:
             self.dead = why
         with contextlib.suppress(KeyError, ValueError, OSError):
             self._sel.unregister(self._agent)
+        self._agent_events = 0
         with contextlib.suppress(KeyError, ValueError, OSError):
             self._sel.unregister(self._listener)
         with contextlib.suppress(OSError):
             self._listener.close()
         for c in list(self._clients):
             # the reason, not just a closed socket: the helper prints it for the user
-            for cs in c.streams:
-                c.out += encode_json(T.ERROR, cs, {"message": f"lost the testbed: {why}"})
-            with contextlib.suppress(OSError):
-                c.sock.send(c.out)
+            for cs in list(c.streams):
+                self._deliver(c, T.ERROR, cs, _message(f"lost the testbed: {why}"))
+            if c.sock is not None:
+                with contextlib.suppress(OSError):
+                    c.sock.send(c.out)
             self._drop(c)
         self._hello_done.set()
 
@@ -250,7 +423,7 @@ class Mux:
         for frame in self._decoder.feed(data):
             if frame.stream == 0:
                 if frame.type == T.HELLO_REPLY:
-                    self._on_hello_reply(frame.payload)
+                    self._on_hello_reply(frame)
                 continue
             route = self._routes.get(frame.stream)
             if route is None:
@@ -258,10 +431,40 @@ class Mux:
             client, cs = route
             if frame.type in _LAST:
                 del self._routes[frame.stream]
+                self._unacked.pop(frame.stream, None)
                 if client is not None:
                     client.streams.pop(cs, None)
-            if client is not None and not client.closed:
-                client.out += encode(frame.type, cs, frame.payload)
+            if client is None or client.closed:
+                self._ack_output(frame.stream, len(frame.payload))  # dropped: taken
+            else:
+                self._deliver(client, frame.type, cs, frame.payload, agent_stream=frame.stream)
+
+    def _deliver(
+        self, c: _Client, ftype: int, cs: int, payload: bytes, *, agent_stream: int = 0
+    ) -> None:
+        """One frame to a client; output is accounted so its window goes back in time."""
+        output = ftype in _OUTPUT and payload and self._window and agent_stream
+        if output:
+            self._unacked[agent_stream] = self._unacked.get(agent_stream, 0) + len(payload)
+        if c.sock is None:
+            # in-process: the request's own OUTPUT_ACKs return the window
+            if ftype in _OUTPUT:
+                c.inbox_put += len(payload)
+            c.inbox.put(Frame(ftype, cs, payload))
+            return
+        data = encode(ftype, cs, payload)
+        c.out += data
+        c.queued += len(data)
+        if output:
+            c.unsent_output.append((c.queued, agent_stream, len(payload)))
+
+    def _ack_output(self, agent_stream: int, n: int) -> None:
+        """Give the agent back n bytes of a stream's output window."""
+        if not self._window or not n or agent_stream not in self._routes:
+            return
+        left = self._unacked.get(agent_stream, 0)
+        self._unacked[agent_stream] = max(0, left - n)
+        self._agent_out += encode(T.OUTPUT_ACK, agent_stream, struct.pack(">Q", n))
 
     def _reconnect(self) -> bool:
         """QEMU closed the connection while still running (a guest reset after a restore
@@ -290,6 +493,7 @@ class Mux:
             sock.setblocking(False)
             self._agent, self._own_agent = sock, True
             self._sel.register(sock, selectors.EVENT_READ, "agent")
+            self._agent_events = selectors.EVENT_READ
             self._decoder.reset()
             self._agent_out.clear()
             self._fail_all_streams("the control channel was reset")
@@ -299,22 +503,24 @@ class Mux:
         return False
 
     def _fail_all_streams(self, message: str) -> None:
+        self._unacked.clear()
         for agent_stream, (client, cs) in list(self._routes.items()):
             del self._routes[agent_stream]
             if client is not None and not client.closed:
                 client.streams.pop(cs, None)
-                client.out += encode_json(T.ERROR, cs, {"message": message})
+                client.unsent_output.clear()
+                self._deliver(client, T.ERROR, cs, _message(message))
 
-    def _on_hello_reply(self, payload: bytes) -> None:
+    def _on_hello_reply(self, frame: Frame) -> None:
         with self._lock:
-            if payload[:NONCE_SIZE] not in self._hello_nonces or not self._hello_wanted:
+            if not self._hello_wanted:
                 return
-            self._hello_nonces.clear()
+            info = self._hello.reply(frame)
+            if info is None:
+                return
             self._hello_wanted = False
-            try:
-                self._hello_reply = json.loads(payload[NONCE_SIZE:] or b"{}")
-            except ValueError:
-                self._hello_reply = {}
+            self._hello_reply = info
+            self._window = output_window(info)  # the agent of the next boot may differ
         # the agent dropped every stream: tell their clients
         self._fail_all_streams("the guest agent was reset")
         self._hello_done.set()
@@ -338,17 +544,22 @@ class Mux:
             return
         c.closed = True
         self._clients.discard(c)
-        with contextlib.suppress(KeyError, ValueError, OSError):
-            self._sel.unregister(c.sock)
-        with contextlib.suppress(OSError):
-            c.sock.close()
+        if c.sock is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._sel.unregister(c.sock)
+            with contextlib.suppress(OSError):
+                c.sock.close()
+        c.unsent_output.clear()
         for cs, agent_stream in c.streams.items():
             self._routes[agent_stream] = (None, cs)  # keep until EXIT, drop its frames
             if self.dead is None:
                 self._agent_out += encode_json(T.SIGNAL, agent_stream, {"signal": 9})
+                # what it had not taken is taken: the agent must drain the pipes to end
+                self._ack_output(agent_stream, self._unacked.get(agent_stream, 0))
         c.streams.clear()
 
     def _write_client(self, c: _Client) -> None:
+        assert c.sock is not None
         try:
             n = c.sock.send(c.out)
         except BlockingIOError:
@@ -357,8 +568,13 @@ class Mux:
             self._drop(c)
             return
         del c.out[:n]
+        c.sent += n
+        while c.unsent_output and c.unsent_output[0][0] <= c.sent:
+            _end, agent_stream, size = c.unsent_output.popleft()
+            self._ack_output(agent_stream, size)
 
     def _read_client(self, c: _Client) -> None:
+        assert c.sock is not None
         try:
             data = c.sock.recv(CHUNK * 4)
         except BlockingIOError:
@@ -369,24 +585,34 @@ class Mux:
             self._drop(c)
             return
         for frame in c.decoder.feed(data):
-            t, cs = frame.type, frame.stream
-            if t in _FORWARDED:
-                if cs == 0 or cs in c.streams:
-                    c.out += encode_json(T.ERROR, cs, {"message": f"stream {cs} in use"})
-                    continue
+            self._client_frame(c, frame)
+
+    def _client_frame(self, c: _Client, frame: Frame) -> None:
+        t, cs = frame.type, frame.stream
+        if t in _FORWARDED:
+            if cs == 0 or cs in c.streams:
+                self._deliver(c, T.ERROR, cs, _message(f"stream {cs} in use"))
+            elif self.dead is not None:
+                self._deliver(c, T.ERROR, cs, _message(f"lost the testbed: {self.dead}"))
+            else:
                 agent_stream = self._next
                 self._next = self._next % 0xFFFFFFF0 + 1
                 c.streams[cs] = agent_stream
                 self._routes[agent_stream] = (c, cs)
                 self._agent_out += encode(t, agent_stream, frame.payload)
-            elif t in (T.STDIN, T.SIGNAL):
-                agent_stream_opt = c.streams.get(cs)
-                if agent_stream_opt is not None:
-                    self._agent_out += encode(t, agent_stream_opt, frame.payload)
-            elif t == T.PING:
-                c.out += encode(T.PONG, cs, frame.payload)
+        elif t in (T.STDIN, T.SIGNAL) or (t == T.OUTPUT_ACK and c.sock is None):
+            # (a helper's window is returned here, as its socket takes the output)
+            agent_stream_opt = c.streams.get(cs)
+            if agent_stream_opt is None:
+                return
+            if t == T.OUTPUT_ACK:
+                self._ack_output(agent_stream_opt, struct.unpack(">Q", frame.payload)[0])
             else:
-                c.out += encode_json(T.ERROR, cs, {"message": f"frame type {t} not allowed"})
+                self._agent_out += encode(t, agent_stream_opt, frame.payload)
+        elif t == T.PING:
+            self._deliver(c, T.PONG, cs, frame.payload)
+        else:
+            self._deliver(c, T.ERROR, cs, _message(f"frame type {t} not allowed"))
 
     # -- console ------------------------------------------------------------------------
     def _check_console(self) -> None:
@@ -406,3 +632,8 @@ class Mux:
                 line = data[at:].split(b"\n", 1)[0].decode("utf-8", "replace").strip()
                 self._die(f"the guest kernel panicked: {line}")
                 return
+
+
+def _message(text: str) -> bytes:
+    """An ERROR frame's payload."""
+    return json.dumps({"message": text}).encode()

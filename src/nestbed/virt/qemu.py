@@ -15,10 +15,11 @@ guest sees it at /dev/baseimage and /lib/autopkgtest/baseimage (capability `base
 a guest with a working /dev/kvm gets capability `nested-kvm`.
 
 Commands run through the guest's control agent on a virtio-serial port (docs/agent.md),
-never through the serial console. The exec prefix is a small helper
-(`nestbed.qemu.execclient`) that connects to this server's private unix socket; the server
-multiplexes all helpers onto the one agent channel (`nestbed.qemu.mux`). Copies are tar
-streams through the agent. Revert throws the overlay away and boots a fresh one; reboot
+never through the serial console, and all of them through the one multiplexer that owns
+that channel (`nestbed.qemu.mux`). The exec prefix is a small helper
+(`nestbed.qemu.execclient`) that connects to the multiplexer's private unix socket; the
+server's own commands and its copies (tar streams) are requests to the multiplexer made
+in-process. Revert throws the overlay away and boots a fresh one; reboot
 waits for the agent of the next boot.
 
 A first IMAGE from another builder (autopkgtest-build-qemu's: a partitioned disk, raw or
@@ -38,6 +39,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -49,15 +51,15 @@ from typing import BinaryIO, ClassVar, NoReturn
 
 from nestbed.errors import NestbedError
 from nestbed.guest.agent import T
-from nestbed.guest.channel import ChannelError, _safe_extract
+from nestbed.guest.channel import _safe_extract
 from nestbed.image import bare as bare_mod
 from nestbed.image import cache as cache_mod
 from nestbed.image import foreign as foreign_mod
 from nestbed.image.cache import MANIFEST, ImagePaths
 from nestbed.qemu import accel as accel_mod
-from nestbed.qemu.execclient import StreamError, connect, helper_argv, stream
+from nestbed.qemu.execclient import helper_argv
 from nestbed.qemu.machine import Drive, Machine, MachineConfig, MachineError
-from nestbed.qemu.mux import Mux, MuxDead
+from nestbed.qemu.mux import Mux, MuxDead, MuxTimeout
 from nestbed.qemu.shellboot import SerialShell
 from nestbed.qemu.state import ReadyState, StateStore, state_key
 from nestbed.testbed.protocol import (
@@ -446,6 +448,19 @@ class QemuServer(VirtServer):
         mux = self._mux()
         return helper_argv(os.fspath(mux.listen_path))
 
+    def execute(
+        self, argv: Sequence[str], *, timeout: float | None = None, stdin: bytes | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run argv in the guest through the multiplexer, in this process, with the exit
+        status and messages the exec prefix would give."""
+        mux = self._mux()
+        self.debug(f"execute: {shlex.join(argv)}")
+        try:
+            status, out, err = mux.run(list(argv), stdin=stdin, timeout=timeout)
+        except MuxTimeout:
+            raise ServerFailure(f"timed out after {timeout}s on testbed command {argv}") from None
+        return subprocess.CompletedProcess(list(argv), status, out, err)
+
     def _mux(self) -> Mux:
         if self.mux is None:
             raise ServerFailure("the testbed is not running")
@@ -556,6 +571,7 @@ class QemuServer(VirtServer):
                 alive=lambda: machine.running,
                 exit_note=machine.exit_note,
                 reset_expected=lambda: machine.reboot_allowed,
+                agent_info=machine.channel.info,
             )
             self.mux.start()
 
@@ -602,8 +618,8 @@ class QemuServer(VirtServer):
     def _refresh(self, scratch: str | None) -> str:
         """After a restore, before anything else runs: fix what the restore left stale --
         the clock, the entropy pool, the machine's identity (every restored testbed would
-        otherwise share them) -- and make the scratch dir; one round trip on the channel,
-        before the multiplexer takes it over. Returns the scratch dir."""
+        otherwise share them) -- and make the scratch dir; one guest command, the first
+        through the multiplexer. Returns the scratch dir."""
         machine = self.machine
         assert machine is not None
         machine_id = secrets.token_hex(16)
@@ -622,15 +638,12 @@ class QemuServer(VirtServer):
             "sh", "-ec", script, "sh",
             f"{time.time():.6f}", entropy, machine_id, name, made, *self._probe_args(),
         ]  # fmt: skip
-        try:
-            res = machine.channel.exec(argv, timeout=60)
-        except ChannelError as e:
-            raise ServerFailure(self._explain(f"cannot refresh the restored guest: {e}")) from None
+        self._start_mux()
+        res = self.execute(argv, timeout=60)
         if res.returncode != 0:
             err = res.stderr.decode(errors="replace").strip()
             raise ServerFailure(self._explain(f"cannot refresh the restored guest: {err}"))
         self._take_probe(_probe_results(res.stdout)[1])
-        self._start_mux()
         return made
 
     def _wait_system_running(self) -> None:
@@ -709,17 +722,14 @@ class QemuServer(VirtServer):
 
     # ---- copies --------------------------------------------------------------------------
     def _stream(
-        self, ftype: T, request: dict[str, object], stdin_fd: int | None, out: BinaryIO | None
+        self, ftype: T, request: dict[str, object], stdin: BinaryIO | None, out: BinaryIO | None
     ) -> None:
         errors = bytearray()
+        mux = self._mux()
+        sink: Callable[[bytes], None] = _discard if out is None else out.write  # type: ignore[assignment]
         try:
-            sock = connect(os.fspath(self._mux().listen_path))
-            try:
-                sink: Callable[[bytes], None] = _discard if out is None else out.write  # type: ignore[assignment]
-                outcome = stream(sock, ftype, request, stdin_fd, sink, errors.extend)
-            finally:
-                sock.close()
-        except StreamError as e:
+            outcome = mux.request(ftype, request, stdin=stdin, out=sink, err=errors.extend)
+        except MuxDead as e:
             raise ServerFailure(self._explain(str(e))) from None
         if outcome.exit_status != 0:
             detail = outcome.error or errors.decode(errors="replace").strip()
@@ -735,7 +745,7 @@ class QemuServer(VirtServer):
             with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
                 tf.add(host, arcname=name, filter=_as_root)
             buf.seek(0)
-            self._stream(T.PUT, {"path": parent or "/"}, buf.fileno(), None)
+            self._stream(T.PUT, {"path": parent or "/"}, buf, None)
 
     def copyup(self, tb: str, host: str, is_dir: bool) -> None:
         if not is_dir and os.path.isdir(host):
