@@ -630,9 +630,9 @@ def serve(server: VirtServer) -> int:
             server._stderr(message)
         with contextlib.suppress(OSError):
             proto_out.close()
-    if signum is not None:
-        # die of the same signal, as the caller expects of a server it signalled
-        return die_of(signum)
+        if signum is not None:
+            # die of the same signal, as the caller expects of a server it signalled
+            return die_of(signum)
     return code
 
 
