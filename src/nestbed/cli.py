@@ -81,15 +81,15 @@ def expand_argfiles(argv: Sequence[str], depth: int = 0) -> list[str]:
     return out
 
 
-class _Parser(argparse.ArgumentParser):
+class _UsageErrorParser(argparse.ArgumentParser):
     """argparse whose errors are one line and map to autopkgtest's usage exit code."""
 
     def error(self, message: str) -> NoReturn:
         raise errors.UsageError(f"{message} (see '{self.prog} --help')")
 
 
-def _build_parser() -> _Parser:
-    p = _Parser(
+def _build_parser() -> _UsageErrorParser:
+    p = _UsageErrorParser(
         prog=program_name(),
         usage="%(prog)s [options] PACKAGE... [-- VIRT-SERVER [virt-server options]]",
         description=DESCRIPTION,
