@@ -81,15 +81,15 @@ def expand_argfiles(argv: Sequence[str], depth: int = 0) -> list[str]:
     return out
 
 
-class _Parser(argparse.ArgumentParser):
+class _UsageErrorParser(argparse.ArgumentParser):
     """argparse whose errors are one line and map to autopkgtest's usage exit code."""
 
     def error(self, message: str) -> NoReturn:
         raise errors.UsageError(f"{message} (see '{self.prog} --help')")
 
 
-def _build_parser() -> _Parser:
-    p = _Parser(
+def _build_parser() -> _UsageErrorParser:
+    p = _UsageErrorParser(
         prog=program_name(),
         usage="%(prog)s [options] PACKAGE... [-- VIRT-SERVER [virt-server options]]",
         description=DESCRIPTION,
@@ -99,6 +99,17 @@ def _build_parser() -> _Parser:
     )
     p.add_argument("packages", nargs="*", metavar="PACKAGE", help="source tree(s) to test")
 
+    _add_selection(p)
+    _add_logging(p)
+    _add_environment(p)
+    _add_setup(p)
+    _add_timeouts(p)
+    p.add_argument("-h", "--help", action="help", help="show this help and exit")
+    return p
+
+
+def _add_selection(p: argparse.ArgumentParser) -> None:
+    """Options: which tests run, and with which binaries."""
     g = p.add_argument_group("test selection")
     g.add_argument(
         "--test-name",
@@ -126,6 +137,9 @@ def _build_parser() -> _Parser:
         help="do not build the package; test with the archive's binaries",
     )
 
+
+def _add_logging(p: argparse.ArgumentParser) -> None:
+    """Options: where logs and results go, and how much is said."""
     g = p.add_argument_group("logging and results")
     g.add_argument("-o", "--output-dir", metavar="DIR", help="write all results and logs to DIR")
     g.add_argument("-l", "--log-file", dest="logfile", metavar="FILE", help="copy the log to FILE")
@@ -160,6 +174,9 @@ def _build_parser() -> _Parser:
         help="print debugging output",
     )
 
+
+def _add_environment(p: argparse.ArgumentParser) -> None:
+    """Options: what a test's environment is, and who runs it."""
     g = p.add_argument_group("test environment")
     g.add_argument(
         "--env",
@@ -184,6 +201,9 @@ def _build_parser() -> _Parser:
     )
     g.add_argument("--build-parallel", metavar="N", help="DEB_BUILD_OPTIONS parallel=N")
 
+
+def _add_setup(p: argparse.ArgumentParser) -> None:
+    """Options: what is done to the testbed before the tests."""
     g = p.add_argument_group("testbed setup (applied again after every revert)")
     g.add_argument(
         "--setup-commands",
@@ -238,6 +258,9 @@ def _build_parser() -> _Parser:
         help="copy a file or directory into the testbed",
     )
 
+
+def _add_timeouts(p: argparse.ArgumentParser) -> None:
+    """Options: autopkgtest's timeouts and their factor."""
     g = p.add_argument_group("timeouts (seconds)")
     for kind, default in DEFAULT_TIMEOUTS.items():
         g.add_argument(
@@ -254,8 +277,6 @@ def _build_parser() -> _Parser:
         metavar="FACTOR",
         help="multiply all default timeouts by FACTOR",
     )
-    p.add_argument("-h", "--help", action="help", help="show this help and exit")
-    return p
 
 
 def _split_virt(argv: list[str]) -> tuple[list[str], list[str] | None]:
@@ -272,8 +293,8 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
     ns = parser.parse_args(ours)
     if virt is not None and not virt:
         parser.error("no testbed after --: name one, e.g. '-- null' or '-- qemu IMAGE'")
-    if virt:
-        resolve_virt_server(virt[0])  # an unknown testbed is a usage error, before anything starts
+    # an unknown testbed is a usage error, before anything starts
+    server = (*resolve_virt_server(virt[0]), *virt[1:]) if virt else ()
     for e in ns.env:
         if "=" not in e:
             parser.error(f"--env must be VAR=value, got {e!r}")
@@ -315,6 +336,7 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
     return RunOptions(
         packages=classified,
         virt_argv=tuple(virt or ()),
+        virt_server=server,
         only_tests=tuple(ns.only_tests),
         skip_tests=tuple(ns.skip_tests),
         output_dir=ns.output_dir,
@@ -344,21 +366,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = parse_args(args)
     except errors.NestbedError as e:
         print(f"{program_name()}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    if not options.virt_argv:
-        from nestbed.run.prescan import declared_restrictions
+        return errors.exit_code(e)
+    from nestbed.run.prescan import declared_restrictions
 
-        # a test that boots nested VMs needs an image with QEMU (and nestbed) inside
-        wanted = declared_restrictions(options.packages) - options.ignore_restrictions
+    # read once on the host: the image to boot, and what the virt server is told
+    declared = declared_restrictions(options.packages) - options.ignore_restrictions
+    if not options.virt_argv:
         try:
-            image = default_image(nested="needs-baseimage" in wanted)
-            options = replace(options, virt_argv=("qemu", image))
+            # a test that boots nested VMs needs an image with QEMU (and nestbed) inside
+            image = default_image(nested="needs-baseimage" in declared)
+            server = (*resolve_virt_server("qemu"), image)
+            options = replace(options, virt_argv=("qemu", image), virt_server=server)
         except errors.NestbedError as e:
             print(f"{program_name()}: error: {e}", file=sys.stderr)
-            return e.exit_code
-    from nestbed.run.session import run
+            return errors.exit_code(e)
+    from nestbed.run.runner import run
 
-    return run(options)
+    return run(options, declared)
 
 
 def default_image(nested: bool = False) -> str:

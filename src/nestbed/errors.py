@@ -1,4 +1,6 @@
-"""Error types and the one place that maps them to autopkgtest's exit codes."""
+"""Error types and the runner's exit table: the one place that maps them to autopkgtest's
+exit codes. (The virt servers, `nestbed image` and `nestbed-vm` have tables of their own,
+each in its entry point, as their users read other numbers.)"""
 
 from __future__ import annotations
 
@@ -51,3 +53,9 @@ class TestbedFailure(NestbedError):
 
 class VirtServerError(TestbedFailure):
     """The virt server answered a command with an error or exited."""
+
+
+def exit_code(error: BaseException) -> int:
+    """What an error that ends the run makes it exit with: a NestbedError's class says
+    (12 erroneous package, 16 testbed failure, 20 bad usage); anything else is 20."""
+    return error.exit_code if isinstance(error, NestbedError) else EXIT_UNEXPECTED

@@ -30,7 +30,6 @@ import logging
 import os
 import shlex
 import shutil
-import signal
 import sys
 import tempfile
 import termios
@@ -39,12 +38,12 @@ import tty
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from types import FrameType
 from typing import NoReturn
 
 from nestbed import log
 from nestbed.errors import NestbedError
 from nestbed.proc import Process, TimeoutExpired, stop
+from nestbed.signals import Interrupted, ShutdownOnSignals
 from nestbed.testbed.client import Testbed, resolve_virt_server
 
 PROG = "nestbed-vm"
@@ -54,7 +53,6 @@ DEFAULT_IMAGE = "/lib/autopkgtest/baseimage"
 IMAGE_VARIABLE = "AUTOPKGTEST_BASEIMAGE"
 DEFAULT_TIMEOUT = 900.0
 DEFAULT_RAM_MB = 1024
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # how long the command gets to end after its SIGTERM before its helper is killed
 _TERM_GRACE = 5.0
 
@@ -71,12 +69,6 @@ class DeadlineReached(Exception):
     def __init__(self, what: str) -> None:
         super().__init__(what)
         self.what = what
-
-
-class Signalled(BaseException):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
 
 
 @dataclass(frozen=True)
@@ -416,10 +408,10 @@ class NestedVM:
                     except NestbedError as e:
                         raise Failed(f"stopping the VM: {e}") from None
                 else:
-                    tb._cleanup()
+                    tb.release()
         finally:
             if tb is not None:
-                tb._cleanup()  # idempotent: a failed quit still releases the server
+                tb.release()  # idempotent: a failed quit still releases the server
             tmp, self.tmp = self.tmp, None
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -443,34 +435,6 @@ def _error(message: str) -> None:
     _log.error(message)
 
 
-class _SignalGuard:
-    """SIGTERM/SIGINT/SIGHUP become a Signalled exception, once: the clean-up that follows
-    must not be cut short by a second signal."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.armed = True
-
-    def __enter__(self) -> _SignalGuard:
-        for signum in _SIGNALS:
-            signal.signal(signum, self._handler)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum in _SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
-
-    def _handler(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is None:
-            self.received = signum
-        if self.armed:
-            self.armed = False
-            raise Signalled(signum)
-
-    def disarm(self) -> None:
-        self.armed = False
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     log.setup(PROG, log.PLAIN, quiet=True)  # errors only, until the options say more
     try:
@@ -482,16 +446,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # -v: our steps; --debug (implies -v): every module's debug lines, commands run too
     log.setup(PROG, log.PLAIN, debug=opts.debug, quiet=not opts.verbose)
     vm = NestedVM(opts)
-    with _SignalGuard() as guard:
+    with ShutdownOnSignals() as guard:  # SIGTERM, SIGINT, SIGHUP
         status: int
         try:
             try:
                 status = vm.run()
             finally:
-                guard.disarm()
-        except Signalled as e:
+                guard.finish()  # the shutdown below must not be cut short by a signal
+        except Interrupted as e:
             vm.shutdown(polite=False)
-            _error(f"stopped the VM on signal {signal.Signals(e.signum).name}")
+            _error(f"stopped the VM on signal {e.signal_name}")
             return 128 + e.signum
         except DeadlineReached as e:
             vm.shutdown(polite=False)

@@ -134,7 +134,7 @@ def test_server_killed_from_outside(null_argv: list[str], scratch_tmp: Path) -> 
         ):
             tb.query_capabilities()
     finally:
-        tb._cleanup()
+        tb.release()
 
 
 def test_quit_reports_server_dead_between_commands(null_argv: list[str], scratch_tmp: Path) -> None:
@@ -159,7 +159,7 @@ def test_server_dies_mid_command() -> None:
         tb.open()
     assert "exited with status 3 during `open'" in str(e.value)
     assert "fake: the hypervisor fell over" in str(e.value)
-    tb._cleanup()
+    tb.release()
     assert tb._proc is None
 
 
@@ -175,7 +175,7 @@ def test_server_never_answers() -> None:
     assert not alive(pid)
     with pytest.raises(errors.TestbedFailure):
         tb.query_capabilities()
-    tb._cleanup()
+    tb.release()
 
 
 def test_exec_prefix_exit_255(tmp_path: Path) -> None:
@@ -230,7 +230,7 @@ def test_server_stderr_goes_to_log() -> None:
     tb.start()
     with pytest.raises(errors.VirtServerError):
         tb.open()
-    tb._cleanup()
+    tb.release()
     assert "fake: the hypervisor fell over" in logs
 
 

@@ -15,7 +15,7 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-from nestbed.testbed.protocol import CommandFailed, VirtServer, copy_via_exec
+from nestbed.testbed.protocol import CommandRefused, VirtServer, copy_via_exec
 from nestbed.virt.null import NullServer
 
 from .conftest import Driver
@@ -291,6 +291,7 @@ def test_server_imports_no_runner() -> None:
         "nestbed.errors",
         "nestbed.log",
         "nestbed.proc",
+        "nestbed.signals",
         "nestbed.testbed",
         "nestbed.testbed.protocol",
         "nestbed.virt",
@@ -316,6 +317,6 @@ def test_generic_copy_via_exec_prefix(tmp_path: Path) -> None:
     copy_via_exec(server, str(tmp_path / "tb" / "s"), str(tmp_path / "s2"), False, upwards=True)
     assert (tmp_path / "s2").read_text() == f.read_text()
     assert stat.S_IMODE((tmp_path / "s2").stat().st_mode) == 0o755
-    with pytest.raises(CommandFailed) as failed:
+    with pytest.raises(CommandRefused) as failed:
         copy_via_exec(server, str(tmp_path / "nope"), str(tmp_path / "x"), False, upwards=True)
     assert failed.value.words == ["copy-failed"]

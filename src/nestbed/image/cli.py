@@ -8,7 +8,6 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from types import FrameType
 
 from nestbed.errors import NestbedError
 from nestbed.image.build import build, ensure_image, plan
@@ -23,7 +22,11 @@ from nestbed.image.config import (
 )
 from nestbed.image.progress import for_stream
 from nestbed.log import PLAIN, setup
+from nestbed.signals import Interrupted, ShutdownOnSignals
 
+# `nestbed image`'s own exit table, as its --help and docs/images.md document it. Every
+# NestbedError is 1 here: an error's `exit_code` is what it ends a *test run* with (an image
+# the runner cannot build is its testbed failure, 16), which is not this command's meaning.
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 log = logging.getLogger(__name__)
@@ -41,10 +44,6 @@ exit status:
 Images are cached in $NESTBED_CACHE_DIR/images, else $XDG_CACHE_HOME/nestbed/images,
 else ~/.cache/nestbed/images. See docs/images.md.
 """
-
-
-class _Interrupted(BaseException):
-    pass
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -158,10 +157,6 @@ def _cmd_remove(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
-    raise _Interrupted()
-
-
 def main(argv: list[str]) -> int:
     """`nestbed image ARGS`: argv is what follows `image`."""
     parser = _parser()
@@ -171,18 +166,17 @@ def main(argv: list[str]) -> int:
         return EXIT_OK if e.code in (0, None) else EXIT_USAGE
     # -v shows every detail, the commands the builder runs too
     setup("nestbed", debug=getattr(args, "verbose", False))
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        command = {"build": _cmd_build, "list": _cmd_list, "remove": _cmd_remove}[args.command]
-        return command(args)
-    except NestbedError as e:
-        sys.stderr.write(f"nestbed: error: {e}\n")
-        return EXIT_ERROR
-    except (KeyboardInterrupt, _Interrupted):
-        sys.stderr.write("nestbed: interrupted\n")
-        return EXIT_INTERRUPTED
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    command = {"build": _cmd_build, "list": _cmd_list, "remove": _cmd_remove}[args.command]
+    # Ctrl-C and SIGTERM alike: what is half-built is removed on the way out
+    with ShutdownOnSignals((signal.SIGTERM, signal.SIGINT)):
+        try:
+            return command(args)
+        except NestbedError as e:
+            sys.stderr.write(f"nestbed: error: {e}\n")
+            return EXIT_ERROR
+        except Interrupted:
+            sys.stderr.write("nestbed: interrupted\n")
+            return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -60,6 +60,11 @@ class ExitStatus:
             # a superficial pass is neutral: it does not count as having tested anything
             self.any_positive = True
 
+    def fail(self, error: BaseException) -> None:
+        """An error ended the run (or a part it cannot do without): its exit code, from
+        the runner's one table."""
+        self.code = errors.exit_code(error)
+
     def finish_package(self, had_tests: bool) -> None:
         """After one package: no tests, or nothing positively tested, is exit 8 (autopkgtest)."""
         if not had_tests or (

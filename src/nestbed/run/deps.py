@@ -15,7 +15,7 @@ UNSATISFIABLE = (
 )
 
 
-class DependencyError(BadPackage):
+class NotInstallable(BadPackage):
     """Test dependencies cannot be installed: the test is FAIL badpkg (or SKIPped)."""
 
 
@@ -26,7 +26,7 @@ def can_use_apt(testbed: Testbed) -> bool:
 
 
 def install(testbed: Testbed, depends: tuple[str, ...], console: Console, timeout: int) -> None:
-    """Install `depends` (relations with alternatives) or raise DependencyError.
+    """Install `depends` (relations with alternatives) or raise NotInstallable.
 
     With root, apt-get satisfy resolves the relations as apt would for a package's
     Depends. Without root, nothing can be installed: check they are already there.
@@ -49,7 +49,7 @@ def install(testbed: Testbed, depends: tuple[str, ...], console: Console, timeou
         )
         console.write_stderr(result.stderr)
         if result.returncode != 0:
-            raise DependencyError(UNSATISFIABLE)
+            raise NotInstallable(UNSATISFIABLE)
         return
     check = testbed.execute(["dpkg-checkbuilddeps", "-d", relations, "/dev/null"], timeout=timeout)
     if check.returncode == 127:
@@ -60,4 +60,4 @@ def install(testbed: Testbed, depends: tuple[str, ...], console: Console, timeou
     elif check.returncode != 0:
         missing = check.stderr.decode("UTF-8", "replace").strip()
         missing = missing.replace("dpkg-checkbuilddeps: error: Unmet build dependencies: ", "")
-        raise DependencyError(f"test dependencies missing: {missing}")
+        raise NotInstallable(f"test dependencies missing: {missing}")

@@ -38,7 +38,8 @@ class PackageArg:
 @dataclass(frozen=True)
 class RunOptions:
     packages: tuple[PackageArg, ...]
-    virt_argv: tuple[str, ...]
+    virt_argv: tuple[str, ...]  # the testbed as named: `qemu IMAGE`, `null`, `/PATH ARGS`
+    virt_server: tuple[str, ...] = ()  # the same with the program's path, resolved once
     only_tests: tuple[str, ...] = ()
     skip_tests: tuple[str, ...] = ()
     output_dir: str | None = None

@@ -2,7 +2,7 @@
 
 Works with nestbed's servers and autopkgtest's (`/usr/bin/autopkgtest-virt-*`). Every
 protocol command has a deadline; a server that does not answer in time is killed, one that
-dies is reported with its exit status and last stderr lines. Whatever happens, `_cleanup()`
+dies is reported with its exit status and last stderr lines. Whatever happens, `release()`
 releases the server process and pipes, so a `with Testbed(...)` block never leaks one.
 """
 
@@ -24,6 +24,7 @@ from typing import IO, NamedTuple
 from nestbed.errors import TestbedFailure, UsageError, VirtServerError
 from nestbed.proc import DEVNULL, PIPE, CommandFailed, Process, Stream, TimeoutExpired, spawn, stop
 from nestbed.testbed.protocol import (
+    COPY_TIMEOUT_ENV,
     format_line,
     parse_exec_prefix,
     quote_word,
@@ -32,7 +33,7 @@ from nestbed.testbed.protocol import (
 
 # Seconds a server gets to answer each command. Booting or reverting a VM is slow; the server
 # bounds copies itself (300 s by default) and answers `timeout`, so ours are a backstop.
-DEFAULT_TIMEOUTS: dict[str, float | None] = {
+ANSWER_TIMEOUTS: dict[str, float | None] = {
     "banner": 300,
     "open": 3600,
     "revert": 3600,
@@ -43,8 +44,6 @@ DEFAULT_TIMEOUTS: dict[str, float | None] = {
     "print-execute-command": 300,
     "copydown": 900,
     "copyup": 900,
-    "shell": None,  # interactive: as long as the user likes
-    "auxverb_debug_fail": 60,
 }
 
 # How long a server gets to exit by itself, then after SIGTERM, before SIGKILL.
@@ -127,6 +126,9 @@ class Testbed:
     `log` receives debug lines (with `debug`) and every line the server writes to stderr;
     it is called from a reader thread too. Without it, server stderr goes to ours.
     `env` adds variables to the server's environment (hints such as NESTBED_WANT_BASEIMAGE).
+    `copy_timeout` is the seconds the server gives a copy: it reads them from its
+    environment, as autopkgtest's servers do, and so do the exec prefix's commands, as
+    under autopkgtest, whose runner exports it to everything it starts.
     """
 
     def __init__(
@@ -136,11 +138,15 @@ class Testbed:
         debug: bool = False,
         log: Callable[[str], None] | None = None,
         env: Mapping[str, str] | None = None,
+        copy_timeout: int | None = None,
     ) -> None:
         if not argv:
             raise UsageError("no virt server given")
         self.argv = list(argv)
-        self.env = dict(env or {})
+        self._command_env: dict[str, str] = {}
+        if copy_timeout is not None:
+            self._command_env[COPY_TIMEOUT_ENV] = str(copy_timeout)
+        self.env = {**(env or {}), **self._command_env}
         self.debug = debug
         self._log = log
         self.caps: frozenset[str] = frozenset()
@@ -217,14 +223,14 @@ class Testbed:
                 target=self._drain_stderr, args=(self._proc.stderr,), daemon=True
             )
             self._stderr_thread.start()
-            words = self._read_answer("banner", None, DEFAULT_TIMEOUTS["banner"])
+            words = self._read_answer("banner", None, ANSWER_TIMEOUTS["banner"])
             if not words or words[0] != "ok":
                 self._broken = True
                 raise VirtServerError(
                     f"virt server {self.name}: got banner `{' '.join(words)}', expected `ok'"
                 )
         except BaseException:
-            self._cleanup()
+            self.release()
             raise
 
     def open(self, timeout: float | None = None) -> str:
@@ -232,7 +238,7 @@ class Testbed:
         capabilities, which autopkgtest's client also asks for after each open."""
         if self._scratch is not None:
             return self._scratch
-        words = self._command("open", (), 1, timeout, DEFAULT_TIMEOUTS["open"])
+        words = self._command("open", (), 1, timeout, ANSWER_TIMEOUTS["open"])
         self._scratch = unquote_word(words[0])
         self._after_open()
         return self._scratch
@@ -310,7 +316,7 @@ class Testbed:
             if self._usable():
                 self._send("quit")  # VirtSubproc exits without answering
                 self._close_stdin()
-                limit = DEFAULT_TIMEOUTS["quit"] if timeout is None else timeout
+                limit = ANSWER_TIMEOUTS["quit"] if timeout is None else timeout
                 try:
                     status = self._proc.wait(limit)
                 except TimeoutExpired:
@@ -324,7 +330,7 @@ class Testbed:
                         + self._stderr_summary()
                     )
         finally:
-            self._cleanup()
+            self.release()
 
     def __enter__(self) -> Testbed:
         return self
@@ -338,9 +344,9 @@ class Testbed:
         if exc_type is None:
             self.quit()
         else:
-            self._cleanup()
+            self.release()
 
-    def _cleanup(self) -> None:
+    def release(self) -> None:
         """Release the server whatever state it is in; never raises."""
         proc, self._proc = self._proc, None
         self._scratch = None
@@ -415,13 +421,13 @@ class Testbed:
         default_timeout: float | None,
     ) -> list[str]:
         """Send one command, return its results still quoted. `default_timeout` None means
-        the command's entry in DEFAULT_TIMEOUTS."""
+        the command's entry in ANSWER_TIMEOUTS."""
         if self._proc is None:
             raise TestbedFailure(f"cannot {cmd}: virt server {self.name} is not running")
         if self._broken:
             raise TestbedFailure(f"cannot {cmd}: virt server {self.name} is out of step")
         if timeout is None:
-            timeout = default_timeout if default_timeout is not None else DEFAULT_TIMEOUTS[cmd]
+            timeout = default_timeout if default_timeout is not None else ANSWER_TIMEOUTS[cmd]
         line = format_line([cmd, *(quote_word(a) for a in args)])
         self._busy = True
         self._send(line)
@@ -490,6 +496,9 @@ class Testbed:
         return (": " + " | ".join(tail)) if tail else ""
 
     # ---- using the testbed -----------------------------------------------------------------
+
+    def _exec_env(self) -> dict[str, str] | None:
+        return {**os.environ, **self._command_env} if self._command_env else None
 
     def _wrap(
         self, argv: Sequence[str], env: Mapping[str, str] | None, user: str | None
@@ -570,7 +579,14 @@ class Testbed:
     ) -> Process:
         # not with_parent: when we die, the server ends its commands as it releases the testbed
         try:
-            return spawn(real, stdin=stdin, stdout=stdout, stderr=stderr, with_parent=False)
+            return spawn(
+                real,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                env=self._exec_env(),
+                with_parent=False,
+            )
         except CommandFailed as e:
             raise TestbedFailure(
                 f"cannot run the testbed's exec prefix {self.exec_prefix[0]}: {e.strerror}"
@@ -595,13 +611,3 @@ class Testbed:
             if self._broken:
                 raise
             raise VirtServerError(f"{cmd} of {src} to {dst} failed: {e}") from None
-
-    def shell(self, cwd: str = "/", env: Sequence[str] = ()) -> None:
-        """Interactive shell in the testbed on the controlling terminal (for debugging)."""
-        self._require_open("run a shell")
-        self._command("shell", (cwd, *env), None, None, None)
-
-    def debug_fail(self) -> None:
-        """Ask the server to log diagnostics about a failure (autopkgtest does so too)."""
-        with contextlib.suppress(TestbedFailure):
-            self._command("auxverb_debug_fail", (), None, None, None)

@@ -10,8 +10,8 @@ on any other error prints ``PROG: failure: MESSAGE`` on stderr, releases the tes
 A virt server is a subclass of `VirtServer` that fills in the hooks (`capabilities`,
 `open_testbed`, `exec_prefix`, `close_testbed`, and optionally `revert_testbed`,
 `reboot_testbed`, `copydown`, `copyup`, `shell`), plus a ``main`` that calls `run_server`.
-Virt servers import nothing of the runner: only this module, `nestbed.errors`, `nestbed.proc`
-and `nestbed.log`.
+Virt servers import nothing of the runner: only this module, `nestbed.errors`,
+`nestbed.signals`, `nestbed.proc` and `nestbed.log`.
 """
 
 from __future__ import annotations
@@ -23,18 +23,18 @@ import os
 import shlex
 import signal
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from types import FrameType
+from collections.abc import Callable, Sequence
 from typing import BinaryIO, ClassVar, NoReturn
 from urllib.parse import quote, unquote
 
 from nestbed import log, proc
-from nestbed.errors import EXIT_BADPKG, EXIT_TESTBED_FAILURE
+from nestbed.signals import Interrupted, ShutdownOnSignals, die_of
 
-# Exit statuses of a server (VirtSubproc's): a protocol or testbed error, an internal error.
-EXIT_SERVER_FAILURE = EXIT_BADPKG  # 12, the same number by autopkgtest's choice, not by meaning
-EXIT_SERVER_UNEXPECTED = EXIT_TESTBED_FAILURE  # 16
+# A server's exit table (VirtSubproc's): a protocol or testbed error, an internal error, and
+# death by the signal it got. The numbers match the runner's 12 and 16 by autopkgtest's
+# choice, not by meaning, so they are not the runner's constants.
+EXIT_SERVER_FAILURE = 12
+EXIT_SERVER_UNEXPECTED = 16
 
 # Answers a server gives instead of `ok` when a copy fails but the testbed is still usable.
 COPY_FAILED = "copy-failed"
@@ -87,7 +87,7 @@ class ServerFailure(Exception):
     """Fatal for the server: the message goes to stderr, the testbed is released, exit 12."""
 
 
-class CommandFailed(Exception):
+class CommandRefused(Exception):
     """A command failed but the server stays up; its answer line is `words` instead of `ok`."""
 
     def __init__(self, *words: str) -> None:
@@ -95,62 +95,8 @@ class CommandFailed(Exception):
         self.words = list(words)
 
 
-class _Signalled(BaseException):
-    # BaseException: must unwind through hooks' `except Exception` to the main loop.
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-class _Timeout(BaseException):
-    pass
-
-
-class _Interrupts:
-    """Signal handling that turns signals into exceptions, except inside critical sections.
-
-    A hook that allocates something (a scratch dir, a VM) and records it wraps both steps in
-    `VirtServer.critical()`, so a SIGTERM cannot land between them and leak the allocation.
-    """
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.pending: BaseException | None = None
-        # set once the main loop has ended: from then on signals are only noted, so none
-        # can cut the release short (Python runs handlers late, even after an EPIPE error)
-        self.finishing = False
-
-    def install(self) -> None:
-        for signum in HANDLED_SIGNALS:
-            signal.signal(signum, self._on_signal)
-        signal.signal(signal.SIGALRM, self._on_alarm)
-
-    def _raise(self, exc: BaseException) -> None:
-        if self.finishing:
-            return
-        if self.depth:
-            # a termination signal outranks a pending timeout
-            if self.pending is None or isinstance(exc, _Signalled):
-                self.pending = exc
-            return
-        raise exc
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._raise(_Signalled(signum))
-
-    def _on_alarm(self, signum: int, frame: FrameType | None) -> None:
-        self._raise(_Timeout())
-
-    @contextlib.contextmanager
-    def critical(self) -> Iterator[None]:
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-            if not self.depth and self.pending is not None and not self.finishing:
-                exc, self.pending = self.pending, None
-                raise exc
+class _CopyTimedOut(BaseException):
+    """SIGALRM during a copy: a BaseException, to unwind through hooks' `except Exception`."""
 
 
 class VirtServer:
@@ -166,7 +112,7 @@ class VirtServer:
         self.args = args
         self.debug_enabled: bool = bool(getattr(args, "debug", False))
         self.scratch: str | None = None
-        self._interrupts = _Interrupts()
+        self._signals = ShutdownOnSignals(HANDLED_SIGNALS)
 
     # ---- options -------------------------------------------------------------------------
 
@@ -261,7 +207,7 @@ class VirtServer:
 
     def critical(self) -> contextlib.AbstractContextManager[None]:
         """Defer signals and copy timeouts until the block is done (allocate-and-record)."""
-        return self._interrupts.critical()
+        return self._signals.critical()
 
     # ``nestbed-virt-NAME: debug: ...`` and ``nestbed-virt-NAME: ...``, as `run_server`
     # sets up `nestbed.log`; lines of the modules a server uses (nestbed.proc's command
@@ -325,11 +271,6 @@ class VirtServer:
         made = self.check_exec(["mktemp", "--directory", "--tmpdir", "nestbed.XXXXXX"])
         self.check_exec(["chmod", "1777", made])
         return made
-
-    def remove_scratch(self, scratch: str) -> None:
-        """Remove the scratch dir on the testbed (best effort: the testbed may be gone)."""
-        with contextlib.suppress(ServerFailure):
-            self.execute(["rm", "-rf", "--", scratch], timeout=copy_timeout())
 
     # reboot keeps the scratch dir across the reboot in a tarball, where autopkgtest keeps
     # it, so autopkgtest's in-testbed reboot-prepare script works with our servers unchanged
@@ -405,7 +346,7 @@ def copy_via_exec(server: VirtServer, src: str, dst: str, is_dir: bool, *, upwar
         _run_pipeline(server, cmds, local_in, local_out, mode_line, dst if upwards else None)
     except OSError as e:
         server.warn(f"copy {src} -> {dst} failed: {e}")
-        raise CommandFailed(COPY_FAILED) from None
+        raise CommandRefused(COPY_FAILED) from None
     finally:
         for f in (local_in, local_out):
             if f is not None:
@@ -450,7 +391,7 @@ def _run_pipeline(
             # the source dying of SIGPIPE after the sink is done is not a failure
             if status != 0 and not (i == 0 and len(procs) == 2 and status == -signal.SIGPIPE):
                 server.warn(f"copy command {step.args!r} failed with status {status}")
-                raise CommandFailed(COPY_FAILED)
+                raise CommandRefused(COPY_FAILED)
     finally:
         for step in procs:
             if step.poll() is None:
@@ -493,7 +434,7 @@ class _Quit(Exception):
         self.message = message
 
 
-class _Session:
+class _CommandDispatcher:
     """Protocol state and command dispatch for one server process."""
 
     def __init__(self, server: VirtServer, out: BinaryIO) -> None:
@@ -552,7 +493,7 @@ class _Session:
             raise ServerFailure(f"unknown command `{raw[0]}'")
         try:
             result = handler(c, raw)
-        except CommandFailed as e:
+        except CommandRefused as e:
             self.send(e.words)
             return
         self.send(["ok", *(result or [])])
@@ -636,8 +577,8 @@ class _Session:
         signal.setitimer(signal.ITIMER_REAL, copy_timeout())
         try:
             copy()
-        except _Timeout:
-            raise CommandFailed(COPY_TIMEOUT) from None
+        except _CopyTimedOut:
+            raise CommandRefused(COPY_TIMEOUT) from None
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
 
@@ -683,55 +624,60 @@ def serve(server: VirtServer) -> int:
     exit status (a signal re-kills the process with that signal after releasing)."""
     prog = f"nestbed-virt-{server.name}"
     proto_in, proto_out = _redirect_stdio()
-    session = _Session(server, proto_out)
-    server._interrupts.install()
+    dispatcher = _CommandDispatcher(server, proto_out)
+    guard = server._signals
+    signal.signal(signal.SIGALRM, lambda _signum, _frame: guard.deliver(_CopyTimedOut()))
     outcome: BaseException
-    try:
+    with guard:
         try:
-            _main_loop(session, proto_in)
-        finally:
-            server._interrupts.finishing = True
-    except BaseException as e:  # classified below; a late signal lands here too
-        outcome = e
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    code, message, signum = 0, "", None
-    if isinstance(outcome, _Quit):
-        code, message = outcome.code, outcome.message
-    elif isinstance(outcome, ServerFailure):
-        code, message = EXIT_SERVER_FAILURE, f"{prog}: failure: {outcome}"
-    elif isinstance(outcome, _Signalled):
-        signum = outcome.signum
-    elif isinstance(outcome, BrokenPipeError):
-        signum = signal.SIGPIPE  # the client went away: same as its SIGPIPE
-    elif isinstance(outcome, _Timeout):
-        code, message = EXIT_SERVER_UNEXPECTED, f"{prog}: unexpected timeout"
-    else:  # no traceback reaches a user; -d shows the type
-        code = EXIT_SERVER_UNEXPECTED
-        message = f"{prog}: unexpected error: {outcome}"
-        if server.debug_enabled:
-            message += f" ({type(outcome).__name__})"
-    try:
-        session.release()
-    except BaseException as e:
-        extra = f"{prog}: failure while releasing the testbed: {e}"
-        message = f"{message}\n{extra}" if message else extra
-        if not code:
-            code = EXIT_SERVER_FAILURE
-    if message:
-        server._stderr(message)
-    with contextlib.suppress(OSError):
-        proto_out.close()
-    if signum is not None:
-        # die of the same signal, as the caller expects of a server it signalled
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        time.sleep(1)  # the signal is delivered before this returns; belt and braces
-        return 128 + signum
+            try:
+                _main_loop(dispatcher, proto_in)
+            finally:
+                # from here signals are only noted: none may cut the release short (Python
+                # runs handlers late, even after an EPIPE error)
+                guard.finish()
+        except BaseException as e:  # classified below; a late signal lands here too
+            outcome = e
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        code, message, signum = _exit_for(outcome, prog, server.debug_enabled)
+        try:
+            dispatcher.release()
+        except BaseException as e:
+            extra = f"{prog}: failure while releasing the testbed: {e}"
+            message = f"{message}\n{extra}" if message else extra
+            if not code:
+                code = EXIT_SERVER_FAILURE
+        if message:
+            server._stderr(message)
+        with contextlib.suppress(OSError):
+            proto_out.close()
+        if signum is not None:
+            # die of the same signal, as the caller expects of a server it signalled
+            return die_of(signum)
     return code
 
 
-def _main_loop(session: _Session, proto_in: BinaryIO) -> NoReturn:
-    session.send(["ok"])
+def _exit_for(outcome: BaseException, prog: str, debug: bool) -> tuple[int, str, int | None]:
+    """The server's exit table: (status, message for stderr, signal to die of)."""
+    if isinstance(outcome, _Quit):
+        return outcome.code, outcome.message, None
+    if isinstance(outcome, ServerFailure):
+        return EXIT_SERVER_FAILURE, f"{prog}: failure: {outcome}", None
+    if isinstance(outcome, Interrupted):
+        return 0, "", outcome.signum
+    if isinstance(outcome, BrokenPipeError):
+        return 0, "", signal.SIGPIPE  # the client went away: same as its SIGPIPE
+    if isinstance(outcome, _CopyTimedOut):
+        return EXIT_SERVER_UNEXPECTED, f"{prog}: unexpected timeout", None
+    # no traceback reaches a user; -d shows the type
+    message = f"{prog}: unexpected error: {outcome}"
+    if debug:
+        message += f" ({type(outcome).__name__})"
+    return EXIT_SERVER_UNEXPECTED, message, None
+
+
+def _main_loop(dispatcher: _CommandDispatcher, proto_in: BinaryIO) -> NoReturn:
+    dispatcher.send(["ok"])
     while True:
         raw_line = proto_in.readline()
         if not raw_line:
@@ -739,7 +685,7 @@ def _main_loop(session: _Session, proto_in: BinaryIO) -> NoReturn:
         line = raw_line.decode("UTF-8", "surrogateescape").strip()
         if not line:
             continue  # blank lines are skipped, as VirtSubproc does
-        session.dispatch(line)
+        dispatcher.dispatch(line)
 
 
 def common_parser(name: str) -> argparse.ArgumentParser:

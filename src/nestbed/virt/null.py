@@ -19,7 +19,7 @@ from typing import ClassVar, NoReturn
 
 from nestbed.testbed.protocol import (
     COPY_FAILED,
-    CommandFailed,
+    CommandRefused,
     ServerFailure,
     VirtServer,
     run_server,
@@ -87,7 +87,7 @@ def _guarded(server: VirtServer, copy: Callable[[], None], src: str, dst: str) -
         copy()
     except (OSError, ValueError) as e:
         server.warn(f"cannot copy {src} to {dst}: {e}")
-        raise CommandFailed(COPY_FAILED) from None
+        raise CommandRefused(COPY_FAILED) from None
 
 
 def _inside(path: str, top: str) -> bool:

@@ -65,7 +65,7 @@ from nestbed.qemu.state import ReadyState, StateStore, state_key
 from nestbed.testbed.protocol import (
     COPY_FAILED,
     HANDLED_SIGNALS,
-    CommandFailed,
+    CommandRefused,
     ServerFailure,
     VirtServer,
     run_server,
@@ -734,12 +734,12 @@ class QemuServer(VirtServer):
         if outcome.exit_status != 0:
             detail = outcome.error or errors.decode(errors="replace").strip()
             self.warn(f"copy failed: {detail}")
-            raise CommandFailed(COPY_FAILED)
+            raise CommandRefused(COPY_FAILED)
 
     def copydown(self, host: str, tb: str, is_dir: bool) -> None:
         if is_dir != os.path.isdir(host) or not os.path.exists(host):
             self.warn(f"copydown: {host} is not a {'directory' if is_dir else 'file'}")
-            raise CommandFailed(COPY_FAILED)
+            raise CommandRefused(COPY_FAILED)
         parent, name = os.path.split(tb)
         with tempfile.TemporaryFile() as buf:
             with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
@@ -768,7 +768,7 @@ class QemuServer(VirtServer):
                     _safe_extract(tf, Path(dest_dir))
             except (OSError, ValueError, tarfile.TarError, NestbedError) as e:
                 self.warn(f"copyup {tb} -> {host} failed: {e}")
-                raise CommandFailed(COPY_FAILED) from None
+                raise CommandRefused(COPY_FAILED) from None
 
 
 def _discard(data: bytes) -> None:

@@ -1,0 +1,216 @@
+"""The testbed's lifecycle in a run: start the virt server, open, prepare every fresh (or
+reverted, or rebooted) testbed, revert when a test needs a clean one, release at the end."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import tempfile
+from collections.abc import Mapping
+from importlib.resources import files
+
+from nestbed import errors
+from nestbed.log import DEBUG, Console
+from nestbed.run.binaries import Binaries
+from nestbed.run.options import RunOptions
+from nestbed.run.outputs import RunOutputs, TestbedFacts
+from nestbed.run.setup import Setup
+from nestbed.testbed.client import Testbed
+
+
+class TestbedLifecycle:
+    """One testbed from start to release, and what the run knows about its state."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(
+        self,
+        options: RunOptions,
+        console: Console,
+        outputs: RunOutputs,
+        facts: TestbedFacts,
+        server_env: Mapping[str, str],
+    ) -> None:
+        self.options = options
+        self.console = console
+        self.outputs = outputs
+        self.testbed = Testbed(
+            options.virt_server,
+            debug=console.verbosity >= DEBUG,
+            log=console.debug,
+            env=server_env,
+            copy_timeout=options.timeouts.copy,
+        )
+        self.facts = facts  # filled in at the first open
+        self.binaries = Binaries()
+        self.user: str | None = None
+        # an earlier test changed the testbed (or may have): the next one needs a revert
+        self.modified = False
+        self.deps_installed: tuple[str, ...] = ()
+        self._sudo_problem: str | None = None
+
+    @property
+    def copy_timeout(self) -> int:
+        # the virt server enforces the copy timeout itself; give it room to report first
+        return self.options.timeouts.copy + 30
+
+    @property
+    def helpers_dir(self) -> str:
+        return f"{self.testbed.scratch}/nestbed"
+
+    @property
+    def wrapper_path(self) -> str:
+        return f"{self.helpers_dir}/wrapper.sh"
+
+    def can(self, *caps: str) -> bool:
+        return all(cap in self.testbed.caps for cap in caps)
+
+    # -- opening ----------------------------------------------------------------------------
+    def open(self) -> None:
+        self.testbed.start()
+        # as autopkgtest: the virt server bounds its own boot (qemu: --timeout-reboot); a
+        # cold boot under emulation, or of a nested VM, takes longer than --timeout-short
+        self.testbed.open()
+        self._after_open()
+
+    def check_exec(self, argv: list[str], what: str) -> str:
+        result = self.testbed.execute(argv, timeout=self.options.timeouts.short)
+        if result.returncode != 0:
+            err = result.stderr.decode("UTF-8", "replace").strip()
+            raise errors.TestbedFailure(f"{what} failed (exit status {result.returncode}): {err}")
+        return result.stdout.decode("UTF-8", "replace")
+
+    def install_helpers(self) -> None:
+        """The test wrapper, and where the testbed can reboot, autopkgtest-reboot(-prepare)
+        in /tmp and /sbin as autopkgtest provides them: one copy, one command."""
+        tb = self.testbed
+        scripts = {"wrapper.sh": "wrapper.sh"}
+        links = ""
+        if self.can("reboot", "root-on-testbed"):
+            for name in ("autopkgtest-reboot", "autopkgtest-reboot-prepare"):
+                scripts[name] = "reboot.sh"
+                target = shlex.quote(f"{self.helpers_dir}/{name}")
+                links += f"; ln -fns {target} /tmp/{name}; ln -fns {target} /sbin/{name}"
+        with tempfile.TemporaryDirectory(prefix="nestbed.") as tmp:
+            local = os.path.join(tmp, "nestbed")
+            os.mkdir(local)
+            for name, source in scripts.items():
+                path = os.path.join(local, name)
+                with open(path, "wb") as f:
+                    f.write(files("nestbed.run").joinpath(source).read_bytes())
+                os.chmod(path, 0o755)
+            tb.copydown(local + "/", self.helpers_dir + "/", timeout=self.copy_timeout)
+        helpers = shlex.quote(self.helpers_dir)
+        script = f"chmod 0755 {helpers} {helpers}/*{links}"
+        self.check_exec(["sh", "-ec", script], "installing the test wrapper")
+
+    def _after_open(self) -> None:
+        """What every freshly opened (or reverted) testbed needs before tests run."""
+        tb = self.testbed
+        self.install_helpers()
+        if self.user is None:
+            self.user = self.options.user
+            if self.user is None and self.can("root-on-testbed"):
+                self.user = tb.normal_user or ""
+        Setup(tb, self.console, self.options.timeouts.short, self.options.timeouts.install).apply(
+            self.options.setup, self.user
+        )
+        facts = self.facts
+        facts.arch = self.check_exec(["dpkg", "--print-architecture"], "dpkg").strip()
+        self.console.info("testbed dpkg architecture: " + facts.arch)
+        packages = self.installed_packages()
+        if packages is not None:
+            self.outputs.write_testbed_packages(packages)
+        kernel = self.check_exec(["uname", "-srv"], "uname").strip()
+        if not facts.kernel:
+            facts.kernel = kernel
+            self.console.info("testbed running kernel: " + kernel)
+        if not facts.nproc:
+            cpu = self.check_exec(
+                ["sh", "-c", "nproc; cat /proc/cpuinfo 2>/dev/null || true"], "nproc"
+            )
+            facts.nproc = cpu.split("\n", 1)[0].strip()
+            for line in cpu.splitlines():
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if not facts.cpu_model and (key == "model name" or key == "cpu"):
+                    facts.cpu_model = value.strip()
+                if not facts.cpu_flags and key in ("flags", "features"):
+                    facts.cpu_flags = value.strip()
+        self._sudo_problem = None
+        self.binaries.publish(tb, self.copy_timeout)
+
+    def installed_packages(self) -> str | None:
+        r = self.testbed.execute(
+            [
+                "sh",
+                "-c",
+                "command -v dpkg-query >/dev/null && "
+                "dpkg-query --show -f '${Package}\\t${Version}\\n'",
+            ],
+            timeout=self.options.timeouts.short,
+        )
+        return r.stdout.decode("UTF-8", "replace") if r.returncode == 0 else None
+
+    # -- between tests ----------------------------------------------------------------------
+    def reset(self, depends: tuple[str, ...]) -> bool:
+        """Revert if an earlier test changed the testbed or installed what this one must not
+        see; True when it reverted (which takes the tests' tree away with everything else)."""
+        stale = [d for d in self.deps_installed if d not in depends]
+        reverted = False
+        if self.can("revert") and (self.modified or stale):
+            self.console.debug("reverting the testbed")
+            self.testbed.revert()
+            self._after_open()
+            reverted = True
+        self.modified = False
+        return reverted
+
+    def reboot(self) -> None:
+        """A test asked for a reboot: the testbed keeps the scratch dir; /tmp may not."""
+        self.testbed.reboot(timeout=self.options.timeouts.copy)
+        self.install_helpers()
+
+    def needs_sudo_problem(self) -> str:
+        """Why needs-sudo cannot be met ("" when it is): only by a normal user who may sudo
+        (autopkgtest's checks); asked once per opened testbed."""
+        if self._sudo_problem is None:
+            self._sudo_problem = self._check_sudo()
+        return self._sudo_problem
+
+    def _check_sudo(self) -> str:
+        tb = self.testbed
+        root = self.can("root-on-testbed")
+        if root and not self.user:
+            return "Cannot enable needs-sudo restriction: no ordinary user available"
+        as_user = ["su", "-s", "/bin/bash", self.user or "", "-c"] if root else ["bash", "-c"]
+        short = self.options.timeouts.short
+        groups = tb.execute([*as_user, "id -Gn"], timeout=short)
+        in_sudo_group = groups.returncode == 0 and "sudo" in groups.stdout.decode().split()
+        if in_sudo_group and tb.execute([*as_user, "sudo -n -v"], timeout=short).returncode == 0:
+            return ""
+        if not root:
+            return "Cannot enable needs-sudo restriction: not root"
+        if not self.can("revert-full-system"):
+            # granting sudo changes the testbed for good: only where a revert undoes it
+            return "Cannot enable needs-sudo restriction: cannot revert"
+        self.modified = True
+        self.console.info(f'Setting up user "{self.user}" to sudo without password...')
+        user = shlex.quote(self.user or "")
+        script = (
+            "getent group sudo >/dev/null || groupadd --system sudo; "
+            f"usermod -a -G sudo {user}; mkdir -p /etc/sudoers.d; "
+            f"echo {user}' ALL=(ALL:ALL) NOPASSWD: ALL' > /etc/sudoers.d/nestbed-needs-sudo; "
+            "chmod 0440 /etc/sudoers.d/nestbed-needs-sudo"
+        )
+        r = tb.execute(["sh", "-ec", script], timeout=short)
+        if r.returncode != 0:
+            return f"Failed to enable needs-sudo restriction: exit status {r.returncode}"
+        return ""
+
+    # -- the end ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Take the published binaries back and quit the server (raises what that hit)."""
+        if self.testbed.is_open:
+            self.binaries.unpublish(self.testbed, self.options.timeouts.short)
+        self.testbed.quit()

@@ -1,0 +1,148 @@
+"""One test from its dependencies to its result line and files: install what it depends
+on, check its restrictions, run it (`executor`), record the verdict, save its outputs."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Sequence
+
+from nestbed import errors
+from nestbed.log import Console
+from nestbed.report.results import TestResult, Verdict
+from nestbed.run import deps, executor
+from nestbed.run.lifecycle import TestbedLifecycle
+from nestbed.run.options import RunOptions
+from nestbed.run.outputs import RunOutputs
+from nestbed.run.tree import SourceTree
+from nestbed.spec.model import TestSpec
+
+# where the QEMU testbed's images put the exported base image (a symlink to /dev/baseimage)
+BASEIMAGE_PATH = "/lib/autopkgtest/baseimage"
+
+
+def testbed_environment(caps: frozenset[str]) -> tuple[str, ...]:
+    """Variables a test gets from what the testbed provides (before the user's --env)."""
+    env: list[str] = []
+    if "baseimage" in caps:
+        env.append(f"AUTOPKGTEST_BASEIMAGE={BASEIMAGE_PATH}")
+    if "nested-kvm" in caps:
+        env.append("AUTOPKGTEST_NESTED_KVM=1")
+    elif "baseimage" in caps:
+        env.append("AUTOPKGTEST_NESTED_KVM=0")  # our server checked: nested VMs are emulated
+    return tuple(env)
+
+
+class TestCaseRunner:
+    """Runs the tests of a run one at a time on its testbed."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(
+        self,
+        options: RunOptions,
+        console: Console,
+        testbed: TestbedLifecycle,
+        outputs: RunOutputs,
+    ) -> None:
+        self.options = options
+        self.console = console
+        self.lifecycle = testbed
+        self.outputs = outputs
+        # the last test's artifacts and AUTOPKGTEST_TMP, removed when the next test starts
+        self._leftovers: tuple[str, ...] = ()
+
+    def run(self, tree: SourceTree, test: TestSpec, blamed: Sequence[str]) -> None:
+        """Run `test` in `tree` on a testbed `TestbedLifecycle.reset` made ready for it."""
+        life = self.lifecycle
+        try:
+            deps.install(life.testbed, test.depends, self.console, self.options.timeouts.install)
+            life.deps_installed = test.depends
+        except deps.NotInstallable as e:
+            life.deps_installed = test.depends
+            if test.has("skip-not-installable"):
+                self.outputs.record(
+                    TestResult(
+                        test.name,
+                        Verdict.SKIP,
+                        "installation fails and skip-not-installable set",
+                        package=tree.name,
+                    )
+                )
+            else:
+                self.outputs.record(
+                    TestResult(test.name, Verdict.BADPKG, str(e), package=tree.name)
+                )
+                self.outputs.blame(blamed, str(e))
+            return
+        problem = life.needs_sudo_problem() if test.has("needs-sudo") else None
+        if problem:
+            self.outputs.record(TestResult(test.name, Verdict.SKIP, problem, package=tree.name))
+            return
+        self._execute(tree, test)
+        if test.has("breaks-testbed"):
+            life.modified = True
+
+    def _execute(self, tree: SourceTree, test: TestSpec) -> None:
+        life = self.lifecycle
+        tb = life.testbed
+        name = test.name
+        if test.path is not None and not os.path.exists(os.path.join(tree.host, test.path)):
+            raise errors.BadPackage(f"{test.path} does not exist")
+        baseline = life.installed_packages() if self.outputs.keeps_files else None
+        env = executor.TestEnvironment(
+            tree=tree.testbed,
+            scratch=tb.scratch,
+            wrapper=life.wrapper_path,
+            user=life.user,
+            root_on_testbed=life.can("root-on-testbed"),
+            nproc=life.facts.nproc or "1",
+            extra_env=(*testbed_environment(tb.caps), *self.options.env),
+            build_parallel=self.options.build_parallel,
+        )
+        if test.command is not None:
+            self.console.info(f"test {name}: {test.command}")
+        self.console.info(f"test {name}: [-----------------------")
+        reboot = life.reboot if life.can("reboot", "root-on-testbed") else None
+        # what the last test left in the scratch dir goes when this one starts
+        leftovers, self._leftovers = self._leftovers, (env.artifacts_dir(test), env.tmp_dir)
+        run = executor.run_test(
+            tb, test, env, self.options.timeouts.test, self.console, reboot, leftovers
+        )
+        if run.timed_out:
+            self.console.error(f'timed out on command "{shlex.join(run.argv)}" (kind: test)')
+        self.console.info(f"test {name}: -----------------------]")
+        for note in run.wrapper_notes.splitlines():
+            if not note.startswith("timed-out"):
+                self.console.info(f"test {name}: {note}")
+        self.console.info(f"test {name}:  - - - - - - - - - - results - - - - - - - - - -")
+        self.outputs.record(executor.decide(test, run, tree.name))
+        if run.stderr and not test.has("allow-stderr") and not run.timed_out:
+            self.console.info(f"test {name}:  - - - - - - - - - - stderr - - - - - - - - - -")
+            self.console.write_stderr(run.stderr)
+        self._save_outputs(test, env, run, baseline)
+
+    def _save_outputs(
+        self,
+        test: TestSpec,
+        env: executor.TestEnvironment,
+        run: executor.TestRun,
+        packages: str | None,
+    ) -> None:
+        outputs = self.outputs
+        if not outputs.keeps_files:
+            return
+        outputs.write_test_streams(test.name, run.stdout, run.stderr)
+        if packages is not None:
+            outputs.write_test_packages(test.name, packages)
+        if run.timed_out:
+            return
+        artifacts = outputs.artifacts_dir
+        os.makedirs(artifacts, exist_ok=True)
+        self.lifecycle.testbed.copyup(
+            env.artifacts_dir(test) + "/",
+            artifacts + "/",
+            timeout=self.lifecycle.copy_timeout,
+        )
+        if not os.listdir(artifacts):
+            os.rmdir(artifacts)
