@@ -24,7 +24,7 @@ from nestbed.image import BuildOptions
 from nestbed.image.build import _scratch_parent, plan
 from nestbed.image.cache import ImagePaths
 from nestbed.image.cli import main as image_main
-from nestbed.image.proc import remove_tree, run
+from nestbed.proc import remove_tree, run
 
 
 def bare(options: BuildOptions, scratch: Path) -> float:

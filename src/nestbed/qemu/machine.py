@@ -20,7 +20,6 @@ import contextlib
 import os
 import shlex
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from nestbed.errors import TestbedFailure
 from nestbed.guest.agent import PORT_NAME
 from nestbed.guest.channel import Channel, ChannelError
 from nestbed.image.cache import ImagePaths
-from nestbed.image.proc import CommandFailed, cmdline, run, spawn, stop
+from nestbed.proc import STDOUT, CommandFailed, Process, TimeoutExpired, cmdline, run, spawn, stop
 from nestbed.qemu.qmp import Event, QMPClient, QMPError
 
 BASE_SERIAL = "nestbed-base"
@@ -141,7 +140,7 @@ class Machine:
         self._tmp_parent = tmp_parent  # where the private temporary directory is made
         self._tmp: Path | None = None
         self._sockets: Path | None = None  # where the unix sockets go: _tmp when short enough
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: Process | None = None
         self._qemu_log: BinaryIO | None = None
         self._channel: Channel | None = None
         self._qmp: QMPClient | None = None  # kept after shutdown: its events say how QEMU ended
@@ -287,7 +286,7 @@ class Machine:
                  "-b", c.root.absolute(), self.overlay])  # fmt: skip
             self._argv = self.argv()
             self._qemu_log = open(self._path("qemu.log"), "wb")  # noqa: SIM115 - closed in _post_shutdown
-            self._proc = spawn(self._argv, stdout=self._qemu_log, stderr=subprocess.STDOUT)
+            self._proc = spawn(self._argv, stdout=self._qemu_log, stderr=STDOUT)
             while not (self.control_socket.exists() and self.qmp_socket.exists()):
                 self._check_alive("QEMU exited during start-up")
                 if time.monotonic() > deadline:
@@ -446,7 +445,7 @@ class Machine:
             with contextlib.suppress(MachineError):
                 self.qmp("quit")
             assert self._proc is not None
-            with contextlib.suppress(subprocess.TimeoutExpired):
+            with contextlib.suppress(TimeoutExpired):
                 self._proc.wait(timeout=timeout)
         self._post_shutdown()
 

@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import os
 import secrets
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -49,6 +47,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO, ClassVar, NoReturn
 
+from nestbed import proc
 from nestbed.errors import NestbedError
 from nestbed.guest.agent import T
 from nestbed.guest.channel import _safe_extract
@@ -76,7 +75,6 @@ EXTRA_SERIAL = "nestbed-extra{}"
 WANT_BASEIMAGE_ENV = "NESTBED_WANT_BASEIMAGE"  # the runner: a test in the run needs-baseimage
 GUEST_BASEIMAGE = "/lib/autopkgtest/baseimage"
 DEFAULT_RAM_MB = 2048
-_PR_SET_PDEATHSIG = 1
 
 # What the server checks in the guest after every boot, restore and reboot, inside a
 # command it runs anyway (each guest exec costs 0.1-0.5 s under TCG): shell builtins only,
@@ -450,7 +448,7 @@ class QemuServer(VirtServer):
 
     def execute(
         self, argv: Sequence[str], *, timeout: float | None = None, stdin: bytes | None = None
-    ) -> subprocess.CompletedProcess[bytes]:
+    ) -> proc.Result:
         """Run argv in the guest through the multiplexer, in this process, with the exit
         status and messages the exec prefix would give."""
         mux = self._mux()
@@ -459,7 +457,7 @@ class QemuServer(VirtServer):
             status, out, err = mux.run(list(argv), stdin=stdin, timeout=timeout)
         except MuxTimeout:
             raise ServerFailure(f"timed out after {timeout}s on testbed command {argv}") from None
-        return subprocess.CompletedProcess(list(argv), status, out, err)
+        return proc.Result(tuple(argv), status, out, err)
 
     def _mux(self) -> Mux:
         if self.mux is None:
@@ -810,19 +808,10 @@ class _ConsoleShower:
         self._thread.join(2)
 
 
-def _die_with_parent() -> None:
-    """SIGTERM when the runner dies (even by SIGKILL): the framework then releases the
-    testbed, so neither QEMU nor the temporary directory outlives the run."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        parent = os.getppid()
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before prctl
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
 def main() -> NoReturn:
-    _die_with_parent()
+    # SIGTERM when the runner dies (even by SIGKILL): the framework then releases the
+    # testbed, so neither QEMU nor the temporary directory outlives the run
+    proc.die_with_parent(signal.SIGTERM)
     run_server(QemuServer, normalise_argv(sys.argv[1:]))
 
 
