@@ -165,3 +165,20 @@ def test_failed_launch_releases_everything(nestbed_image: ImagePaths, tmp_path: 
     with pytest.raises(MachineError, match="no-such-option"):
         machine.launch(timeout=30)
     assert not machine.running and machine._tmp is None
+
+
+def test_a_guest_panic_is_reported_as_one(nestbed_image: ImagePaths) -> None:
+    """The pvpanic device: QEMU sends GUEST_PANICKED and ends at once, and says so."""
+    machine = Machine(MachineConfig.for_image(nestbed_image))
+    machine.launch()
+    try:
+        panic = ["systemd-run", "--on-active=1", "sh", "-c", "echo c > /proc/sysrq-trigger"]
+        assert machine.channel.exec(panic, timeout=60).status == 0
+        deadline = time.monotonic() + 120
+        while machine.running:
+            assert time.monotonic() < deadline, "QEMU did not end on the guest's panic"
+            time.sleep(0.2)
+        assert machine.exit_note() == "QEMU ended: the guest panicked"
+        assert "GUEST_PANICKED" in [e.name for e in machine.events()]
+    finally:
+        machine.shutdown()

@@ -239,6 +239,10 @@ class Machine:
         argv += [
             "-qmp", f"unix:{_opt(self.qmp_socket)},server=on,wait=off",
             "-device", "virtio-rng-pci",
+            # a kernel panic tells QEMU (GUEST_PANICKED), which ends (panic action
+            # "shutdown"): reported as a panic, not waited on (Debian's kernels have
+            # pvpanic; a kernel without it never sees the device)
+            "-device", "pvpanic",
         ]  # fmt: skip
         if c.network:
             argv += ["-nic", "user,model=virtio-net-pci"]
