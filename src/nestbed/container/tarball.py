@@ -49,10 +49,10 @@ def host_arch() -> str:
 
 def host_release() -> str:
     """The codename of the machine's own Debian mirror entries, else `stable`."""
-    from nestbed.image.mirror import _codename, host_sources
+    from nestbed.image.mirror import host_codename, host_sources
 
     try:
-        return _codename(host_sources()) or "stable"
+        return host_codename(host_sources()) or "stable"
     except OSError:
         return "stable"
 

@@ -23,7 +23,8 @@ _SUFFIXES = ("", "-updates", "-security")
 _ROLLING = ("sid", "unstable")
 
 
-def _codename(sources: list[AptSource]) -> str | None:
+def host_codename(sources: list[AptSource]) -> str | None:
+    """The release the machine's apt sources name (a bare codename such as bookworm), if any."""
     for src in sources:
         for suite in src.suites:
             if re.fullmatch(r"[a-z]+", suite):
@@ -36,7 +37,7 @@ def image_sources(release: str, mirror: str | None, etc: Path = APT_ETC) -> list
     if mirror is not None:
         return [AptSource(mirror.rstrip("/"), (release,), ("main",))]
     host = host_sources(etc)
-    codename = _codename(host)
+    codename = host_codename(host)
     if codename is None:
         raise ImageError(f"no Debian mirror found in {etc}/sources.list(.d); give --mirror URL")
     wanted = {codename + s: release + s for s in _SUFFIXES}

@@ -10,7 +10,7 @@ from nestbed.errors import BadPackage, TestbedFailure
 from nestbed.log import Console
 from nestbed.run import deps
 from nestbed.spec.depends import SourcePackage
-from nestbed.testbed.client import Testbed
+from nestbed.testbed.client import Testbed, su_argv
 
 DEB_NAME = re.compile(r"^([-+.0-9a-z]+)_([^_/]+)_[^_/]+\.deb$")
 
@@ -49,7 +49,7 @@ def build(
     )
     argv = ["sh", "-ec", script]
     if user and root:
-        argv = ["su", "--shell=/bin/sh", user, "-c", f"set -e; {script}"]
+        argv = su_argv(user, f"set -e; {script}")
     result = testbed.execute(argv, timeout=build_timeout)
     console.write_stderr(result.stderr)
     if result.returncode == 100:

@@ -15,7 +15,7 @@ from nestbed.log import Console
 from nestbed.proc import DEVNULL, PIPE, TimeoutExpired, stop
 from nestbed.report.results import TestResult, Verdict
 from nestbed.spec.model import TestSpec
-from nestbed.testbed.client import Testbed
+from nestbed.testbed.client import Testbed, su_argv
 
 # Time the testbed gets beyond --timeout-test to stop the test itself before we give up on it.
 KILL_GRACE = 30.0
@@ -144,13 +144,10 @@ def _user(test: TestSpec, env: TestEnvironment) -> str | None:
     return "root" if env.root_on_testbed else None
 
 
-def _run_as(test: TestSpec, env: TestEnvironment) -> list[str]:
+def _run_as(test: TestSpec, env: TestEnvironment, script: str) -> list[str]:
     """su gives tests a proper login session, as root or as the normal user."""
-    if not test.has("needs-root") and env.user:
-        return ["su", "-s", "/bin/bash", env.user, "-c"]
-    if env.root_on_testbed:
-        return ["su", "-s", "/bin/bash", "root", "-c"]
-    return ["bash", "-c"]
+    user = _user(test, env)
+    return ["bash", "-c", script] if user is None else su_argv(user, script, shell="/bin/bash")
 
 
 NOTES_MARKER = b"\0nestbed-wrapper-notes\0"
@@ -234,7 +231,7 @@ def run_test(
     started = time.monotonic()
     mark = ""
     while True:
-        argv = [*_run_as(test, env), test_script(test, env, timeout, mark)]
+        argv = _run_as(test, env, test_script(test, env, timeout, mark))
         if clean_first and not mark:  # a re-run after a reboot keeps the test's files
             argv = _with_cleanup(argv, clean_first)
         returncode, stuck, run_notes = _run_once(testbed, argv, out, err, timeout, console)

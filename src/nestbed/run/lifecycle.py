@@ -15,7 +15,7 @@ from nestbed.run.binaries import Binaries
 from nestbed.run.options import RunOptions
 from nestbed.run.outputs import RunOutputs, TestbedFacts
 from nestbed.run.setup import Setup
-from nestbed.testbed.client import Testbed
+from nestbed.testbed.client import Testbed, su_argv
 
 
 class TestbedLifecycle:
@@ -183,11 +183,18 @@ class TestbedLifecycle:
         root = self.can("root-on-testbed")
         if root and not self.user:
             return "Cannot enable needs-sudo restriction: no ordinary user available"
-        as_user = ["su", "-s", "/bin/bash", self.user or "", "-c"] if root else ["bash", "-c"]
+
+        def as_user(command: str) -> list[str]:
+            return (
+                su_argv(self.user or "", command, shell="/bin/bash")
+                if root
+                else ["bash", "-c", command]
+            )
+
         short = self.options.timeouts.short
-        groups = tb.execute([*as_user, "id -Gn"], timeout=short)
+        groups = tb.execute(as_user("id -Gn"), timeout=short)
         in_sudo_group = groups.returncode == 0 and "sudo" in groups.stdout.decode().split()
-        if in_sudo_group and tb.execute([*as_user, "sudo -n -v"], timeout=short).returncode == 0:
+        if in_sudo_group and tb.execute(as_user("sudo -n -v"), timeout=short).returncode == 0:
             return ""
         if not root:
             return "Cannot enable needs-sudo restriction: not root"

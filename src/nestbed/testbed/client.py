@@ -120,6 +120,13 @@ class _LineReader:
         return line + b"\n"
 
 
+
+def su_argv(user: str, command: str, *, shell: str = "/bin/sh") -> list[str]:
+    """argv that runs the shell command line `command` as `user` on the testbed. The one way
+    nestbed switches user there: su, as autopkgtest does, so a test gets a login session (and
+    PAM's environment) as root or as the normal user alike."""
+    return ["su", "-s", shell, user, "-c", command]
+
 class Testbed:
     """A virt server process and the testbed it gives access to.
 
@@ -508,7 +515,7 @@ class Testbed:
             cmd = ["env", *(f"{k}={v}" for k, v in env.items()), *cmd]
         if user is not None:
             # su takes a shell command line; the environment goes inside, as su resets some
-            cmd = ["su", "-s", "/bin/sh", "-c", shlex.join(cmd), user]
+            cmd = su_argv(user, shlex.join(cmd))
         return [*self.exec_prefix, *cmd]
 
     def execute(
