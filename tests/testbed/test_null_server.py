@@ -285,9 +285,10 @@ def test_server_imports_no_runner() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
-    # nestbed.proc and nestbed.log are neutral ground: the servers' process helper and logging
+    # neutral ground: the servers' process helper, logging, signals and capability words
     assert set(out) <= {
         "nestbed",
+        "nestbed.capabilities",
         "nestbed.errors",
         "nestbed.log",
         "nestbed.proc",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from debian.deb822 import Deb822
 
+from nestbed.capabilities import Cap
 from nestbed.errors import BadPackage, TestbedFailure
 from nestbed.proc import run
 from nestbed.testbed.client import Testbed
@@ -64,7 +65,7 @@ class Binaries:
         return binary
 
     def publish(self, testbed: Testbed, timeout: int) -> None:
-        if not self.registered or "root-on-testbed" not in testbed.caps:
+        if not self.registered or Cap.ROOT_ON_TESTBED not in testbed.caps:
             return
         repo = f"{testbed.scratch}/binaries"
         testbed.execute(["mkdir", "-p", repo], timeout=timeout)
@@ -97,5 +98,5 @@ class Binaries:
 
     def unpublish(self, testbed: Testbed, timeout: int) -> None:
         """Take the repository away (on null, the testbed is the user's own machine)."""
-        if self.registered and "root-on-testbed" in testbed.caps:
+        if self.registered and Cap.ROOT_ON_TESTBED in testbed.caps:
             testbed.execute(["rm", "-f", SOURCES_LIST, PREFERENCES], timeout=timeout)

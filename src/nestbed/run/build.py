@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 
+from nestbed.capabilities import Cap
 from nestbed.errors import BadPackage, TestbedFailure
 from nestbed.log import Console
 from nestbed.run import deps
@@ -29,7 +30,7 @@ def build(
     build_timeout: int,
 ) -> list[str]:
     """dpkg-buildpackage in the testbed tree; returns the testbed paths of the built .debs."""
-    root = "root-on-testbed" in testbed.caps
+    root = Cap.ROOT_ON_TESTBED in testbed.caps
     build_deps = SourcePackage(tree_host, arch).build_depends()
     if user or not root:
         build_deps.append("fakeroot")

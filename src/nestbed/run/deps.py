@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 
+from nestbed.capabilities import Cap
 from nestbed.errors import BadPackage
 from nestbed.log import Console
 from nestbed.testbed.client import Testbed
@@ -20,7 +21,7 @@ class NotInstallable(BadPackage):
 
 
 def can_use_apt(testbed: Testbed) -> bool:
-    if "root-on-testbed" not in testbed.caps:
+    if Cap.ROOT_ON_TESTBED not in testbed.caps:
         return False
     return testbed.execute(["test", "-w", "/var/lib/dpkg/status"], timeout=100).returncode == 0
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from importlib.resources import files
 
 from nestbed import errors
+from nestbed.capabilities import Cap
 from nestbed.log import DEBUG, Console
 from nestbed.run.binaries import Binaries
 from nestbed.run.options import RunOptions
@@ -86,7 +87,7 @@ class TestbedLifecycle:
         tb = self.testbed
         scripts = {"wrapper.sh": "wrapper.sh"}
         links = ""
-        if self.can("reboot", "root-on-testbed"):
+        if self.can(Cap.REBOOT, Cap.ROOT_ON_TESTBED):
             for name in ("autopkgtest-reboot", "autopkgtest-reboot-prepare"):
                 scripts[name] = "reboot.sh"
                 target = shlex.quote(f"{self.helpers_dir}/{name}")
@@ -110,7 +111,7 @@ class TestbedLifecycle:
         self.install_helpers()
         if self.user is None:
             self.user = self.options.user
-            if self.user is None and self.can("root-on-testbed"):
+            if self.user is None and self.can(Cap.ROOT_ON_TESTBED):
                 self.user = tb.normal_user or ""
         Setup(tb, self.console, self.options.timeouts.short, self.options.timeouts.install).apply(
             self.options.setup, self.user
@@ -158,7 +159,7 @@ class TestbedLifecycle:
         see; True when it reverted (which takes the tests' tree away with everything else)."""
         stale = [d for d in self.deps_installed if d not in depends]
         reverted = False
-        if self.can("revert") and (self.modified or stale):
+        if self.can(Cap.REVERT) and (self.modified or stale):
             self.console.debug("reverting the testbed")
             self.testbed.revert()
             self._after_open()
@@ -180,7 +181,7 @@ class TestbedLifecycle:
 
     def _check_sudo(self) -> str:
         tb = self.testbed
-        root = self.can("root-on-testbed")
+        root = self.can(Cap.ROOT_ON_TESTBED)
         if root and not self.user:
             return "Cannot enable needs-sudo restriction: no ordinary user available"
 
@@ -198,7 +199,7 @@ class TestbedLifecycle:
             return ""
         if not root:
             return "Cannot enable needs-sudo restriction: not root"
-        if not self.can("revert-full-system"):
+        if not self.can(Cap.REVERT_FULL_SYSTEM):
             # granting sudo changes the testbed for good: only where a revert undoes it
             return "Cannot enable needs-sudo restriction: cannot revert"
         self.modified = True

@@ -8,6 +8,7 @@ import shlex
 from collections.abc import Sequence
 
 from nestbed import errors
+from nestbed.capabilities import Cap
 from nestbed.log import Console
 from nestbed.report.results import TestResult, Verdict
 from nestbed.run import deps, executor
@@ -24,11 +25,11 @@ BASEIMAGE_PATH = "/lib/autopkgtest/baseimage"
 def testbed_environment(caps: frozenset[str]) -> tuple[str, ...]:
     """Variables a test gets from what the testbed provides (before the user's --env)."""
     env: list[str] = []
-    if "baseimage" in caps:
+    if Cap.BASEIMAGE in caps:
         env.append(f"AUTOPKGTEST_BASEIMAGE={BASEIMAGE_PATH}")
-    if "nested-kvm" in caps:
+    if Cap.NESTED_KVM in caps:
         env.append("AUTOPKGTEST_NESTED_KVM=1")
-    elif "baseimage" in caps:
+    elif Cap.BASEIMAGE in caps:
         env.append("AUTOPKGTEST_NESTED_KVM=0")  # our server checked: nested VMs are emulated
     return tuple(env)
 
@@ -95,7 +96,7 @@ class TestCaseRunner:
             scratch=tb.scratch,
             wrapper=life.wrapper_path,
             user=life.user,
-            root_on_testbed=life.can("root-on-testbed"),
+            root_on_testbed=life.can(Cap.ROOT_ON_TESTBED),
             nproc=life.facts.nproc or "1",
             extra_env=(*testbed_environment(tb.caps), *self.options.env),
             build_parallel=self.options.build_parallel,
@@ -103,7 +104,7 @@ class TestCaseRunner:
         if test.command is not None:
             self.console.info(f"test {name}: {test.command}")
         self.console.info(f"test {name}: [-----------------------")
-        reboot = life.reboot if life.can("reboot", "root-on-testbed") else None
+        reboot = life.reboot if life.can(Cap.REBOOT, Cap.ROOT_ON_TESTBED) else None
         # what the last test left in the scratch dir goes when this one starts
         leftovers, self._leftovers = self._leftovers, (env.artifacts_dir(test), env.tmp_dir)
         run = executor.run_test(

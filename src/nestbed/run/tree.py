@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from debian.changelog import Changelog, ChangelogParseError
 
+from nestbed.capabilities import Cap
 from nestbed.errors import BadPackage, TestbedFailure
 from nestbed.log import Console
 from nestbed.run import deps
@@ -87,7 +88,7 @@ def prepare(
     directory where a tree made in the testbed is copied back.
     """
     tree = _prepare(testbed, package, limits, host_dir, console)
-    if user and "root-on-testbed" in testbed.caps:
+    if user and Cap.ROOT_ON_TESTBED in testbed.caps:
         # tests that are not needs-root run as the normal user and may write their tree
         parent = tree.testbed if package.kind == "built-tree" else os.path.dirname(tree.testbed)
         r = testbed.execute(["chown", "-R", user, "--", parent], timeout=limits.copy)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from nestbed.capabilities import Cap
 from nestbed.spec.model import TestSpec
 
 # The restrictions autopkgtest 5.28 knows (testdesc.known_restrictions), and ours:
@@ -35,14 +36,14 @@ KNOWN_RESTRICTIONS: frozenset[str] = frozenset(
 # Restriction -> capabilities it needs; each entry is a set of alternatives of which the
 # testbed must provide at least one.
 RESTRICTIONS_REQUIRE_CAPS: Mapping[str, tuple[frozenset[str], ...]] = {
-    "breaks-testbed": (frozenset({"revert-full-system"}),),
-    "needs-internet": (frozenset({"has_internet"}),),
-    "needs-reboot": (frozenset({"reboot"}),),
-    "needs-root": (frozenset({"root-on-testbed"}),),
+    "breaks-testbed": (frozenset({Cap.REVERT_FULL_SYSTEM}),),
+    "needs-internet": (frozenset({Cap.HAS_INTERNET}),),
+    "needs-reboot": (frozenset({Cap.REBOOT}),),
+    "needs-root": (frozenset({Cap.ROOT_ON_TESTBED}),),
     # a machine isolates at least as well as a container
-    "isolation-container": (frozenset({"isolation-container", "isolation-machine"}),),
-    "isolation-machine": (frozenset({"isolation-machine"}),),
-    "needs-baseimage": (frozenset({"baseimage"}),),
+    "isolation-container": (frozenset({Cap.ISOLATION_CONTAINER, Cap.ISOLATION_MACHINE}),),
+    "isolation-machine": (frozenset({Cap.ISOLATION_MACHINE}),),
+    "needs-baseimage": (frozenset({Cap.BASEIMAGE}),),
 }
 
 # Restriction -> what to tell the user who wants the test to run after all.

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import IO, NamedTuple
 
+from nestbed.capabilities import SUGGESTED_NORMAL_USER, Cap, value_of
 from nestbed.errors import TestbedFailure, UsageError, VirtServerError
 from nestbed.proc import DEVNULL, PIPE, CommandFailed, Process, Stream, TimeoutExpired, spawn, stop
 from nestbed.testbed.protocol import (
@@ -259,9 +260,7 @@ class Testbed:
         words = self._capability_words()
         self.caps = frozenset(words)
         # the first one the server lists is its preferred user
-        self.normal_user = next(
-            (w.split("=", 1)[1] for w in words if w.startswith("suggested-normal-user=")), None
-        )
+        self.normal_user = value_of(SUGGESTED_NORMAL_USER, words)
         self._debug(f"testbed capabilities: {' '.join(words)}")
 
     def _capability_words(self, timeout: float | None = None) -> list[str]:
@@ -276,7 +275,7 @@ class Testbed:
     def revert(self, timeout: float | None = None) -> str:
         """Revert the testbed (servers advertising `revert`); returns the scratch dir."""
         self._require_open("revert")
-        if "revert" not in self.caps:
+        if Cap.REVERT not in self.caps:
             raise TestbedFailure(f"virt server {self.name} cannot revert the testbed")
         words = self._command("revert", (), 1, timeout, None)
         self._scratch = unquote_word(words[0])
@@ -287,7 +286,7 @@ class Testbed:
         """Reboot the testbed, keeping the scratch dir. With `prepare_only` the server only
         saves state: the test (autopkgtest-reboot-prepare) triggers the reboot itself."""
         self._require_open("reboot")
-        if "reboot" not in self.caps:
+        if Cap.REBOOT not in self.caps:
             raise TestbedFailure(f"virt server {self.name} cannot reboot the testbed")
         args = ("prepare-only",) if prepare_only else ()
         # VirtSubproc answers a bare `ok' (its doc says `ok SCRATCH'): accept both

@@ -28,6 +28,7 @@ from typing import BinaryIO, ClassVar, NoReturn
 from urllib.parse import quote, unquote
 
 from nestbed import log, proc
+from nestbed.capabilities import Cap
 from nestbed.signals import Interrupted, ShutdownOnSignals, die_of
 
 # A server's exit table (VirtSubproc's): a protocol or testbed error, an internal error, and
@@ -530,7 +531,7 @@ class _CommandDispatcher:
     def cmd_revert(self, c: list[str], raw: list[str]) -> list[str]:
         self.nargs(c, raw)
         scratch = self.require_open("revert")
-        if "revert" not in self.server.capabilities():
+        if Cap.REVERT not in self.server.capabilities():
             raise ServerFailure("`revert' when `revert' not advertised")
         new = self.server.revert_testbed(scratch)
         self.check_same_scratch(new)
@@ -542,7 +543,7 @@ class _CommandDispatcher:
         # autopkgtest-reboot-prepare: save state, let the test trigger the reboot itself.
         self.nargs(c, raw, 0, 1)
         scratch = self.require_open("reboot")
-        if "reboot" not in self.server.capabilities():
+        if Cap.REBOOT not in self.server.capabilities():
             raise ServerFailure("`reboot' when `reboot' not advertised")
         self.server.save_scratch_for_reboot(scratch)
         if len(c) > 1 and c[1] == "prepare-only":

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable
 from typing import ClassVar, NoReturn
 
+from nestbed.capabilities import DOWNTMP_HOST, Cap, with_value
 from nestbed.testbed.protocol import (
     COPY_FAILED,
     CommandRefused,
@@ -35,11 +36,11 @@ class NullServer(VirtServer):
 
     def capabilities(self) -> list[str]:
         # same words, same order as autopkgtest-virt-null
-        caps = ["isolation-machine"]
+        caps: list[str] = [Cap.ISOLATION_MACHINE]
         if os.getuid() == 0:
-            caps.append("root-on-testbed")
+            caps.append(Cap.ROOT_ON_TESTBED)
         if self.scratch is not None:
-            caps.append(f"downtmp-host={self.scratch}")
+            caps.append(with_value(DOWNTMP_HOST, self.scratch))
         return caps
 
     def exec_prefix(self) -> list[str]:

@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import ClassVar, NoReturn
 
+from nestbed.capabilities import SUGGESTED_NORMAL_USER, Cap, with_value
 from nestbed.container import rootfs
 from nestbed.container.container import Container, ContainerConfig, OverlayUnavailable
 from nestbed.container.tarball import ensure_tarball, host_arch, host_release
@@ -88,11 +89,11 @@ class UnshareServer(VirtServer):
 
     def capabilities(self) -> list[str]:
         return [
-            "revert",
-            "revert-full-system",
-            "root-on-testbed",
-            "isolation-container",
-            f"suggested-normal-user={NORMAL_USER}",
+            Cap.REVERT,
+            Cap.REVERT_FULL_SYSTEM,
+            Cap.ROOT_ON_TESTBED,
+            Cap.ISOLATION_CONTAINER,
+            with_value(SUGGESTED_NORMAL_USER, NORMAL_USER),
         ]
 
     # ---- testbed -------------------------------------------------------------------------

@@ -1,0 +1,40 @@
+"""Testbed capabilities: the words a virt server advertises and the runner relies on.
+
+autopkgtest's README.virtualisation-server defines them; a server advertises a word only when
+a test relying on it really gets it. `Cap` members are `str`s, so they compare equal to the
+words read off the wire (`Cap.REVERT in testbed.caps`). Two capabilities carry a value:
+`suggested-normal-user=USER` and `downtmp-host=PATH`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from enum import StrEnum
+
+
+class Cap(StrEnum):
+    REVERT = "revert"
+    REVERT_FULL_SYSTEM = "revert-full-system"
+    ROOT_ON_TESTBED = "root-on-testbed"
+    ISOLATION_CONTAINER = "isolation-container"
+    ISOLATION_MACHINE = "isolation-machine"
+    REBOOT = "reboot"
+    HAS_INTERNET = "has_internet"
+    # nestbed's own: the testbed exports its base image (needs-baseimage); KVM works inside
+    BASEIMAGE = "baseimage"
+    NESTED_KVM = "nested-kvm"
+
+
+SUGGESTED_NORMAL_USER = "suggested-normal-user"
+DOWNTMP_HOST = "downtmp-host"
+
+
+def with_value(name: str, value: str) -> str:
+    """A capability that carries a value, as advertised: `NAME=VALUE`."""
+    return f"{name}={value}"
+
+
+def value_of(name: str, caps: Iterable[str]) -> str | None:
+    """The value of capability `name` among `caps`, or None when it is not advertised."""
+    prefix = name + "="
+    return next((c[len(prefix) :] for c in caps if c.startswith(prefix)), None)
