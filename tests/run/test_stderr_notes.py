@@ -8,19 +8,22 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from nestbed.run.capture import Capture
 from nestbed.run.executor import NOTES_MARKER, StderrSplitter
 
 
 def _split(data: bytes, cuts: list[int]) -> tuple[bytes, bytes, bytes]:
     """(what the sink saw, what was stored, the notes) for `data` fed in pieces."""
-    seen, store = bytearray(), bytearray()
+    seen, store = bytearray(), Capture()
     splitter = StderrSplitter(seen.extend, store)
     start = 0
     for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
         splitter.feed(data[start:cut])
         start = cut
     splitter.close()
-    return bytes(seen), bytes(store), bytes(splitter.notes)
+    stored = b"".join(store.chunks())
+    store.close()
+    return bytes(seen), stored, bytes(splitter.notes)
 
 
 @pytest.mark.parametrize(
@@ -55,6 +58,6 @@ def test_any_stderr_any_chunking(stderr: bytes, notes: bytes, cuts: list[int]) -
 
 def test_output_is_not_held_back_without_a_nul() -> None:
     seen: list[bytes] = []
-    splitter = StderrSplitter(seen.append, bytearray())
+    splitter = StderrSplitter(seen.append, Capture())
     splitter.feed(b"first line\n")
     assert seen == [b"first line\n"]  # passed on at once, before the stream ends

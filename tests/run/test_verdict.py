@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nestbed.report.results import ExitStatus, TestResult, Verdict
+from nestbed.run.capture import Capture
 from nestbed.run.executor import TestRun, decide
 from nestbed.spec.model import TestSpec
 
@@ -22,7 +23,7 @@ def spec(*restrictions: str) -> TestSpec:
 
 
 def ran(rc: int = 0, stderr: bytes = b"", timed_out: bool = False) -> TestRun:
-    return TestRun(rc, b"out\n", stderr, timed_out, 0.5, "")
+    return TestRun(rc, Capture.of(b"out\n"), Capture.of(stderr), timed_out, 0.5, "")
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from nestbed.errors import TestbedFailure
 from nestbed.log import Console
 from nestbed.proc import DEVNULL, PIPE, TimeoutExpired, stop
 from nestbed.report.results import TestResult, Verdict
+from nestbed.run.capture import Capture
 from nestbed.spec.model import TestSpec
 from nestbed.testbed.client import Testbed, su_argv
 
@@ -28,12 +29,16 @@ class TestRun:
     __test__ = False  # a data class, not a pytest test class
 
     returncode: int
-    stdout: bytes
-    stderr: bytes
+    stdout: Capture  # spooled: a test may print more than fits in memory
+    stderr: Capture
     timed_out: bool
     duration: float
     wrapper_notes: str
     argv: tuple[str, ...] = ()
+
+    def close(self) -> None:
+        self.stdout.close()
+        self.stderr.close()
 
 
 def decide(test: TestSpec, run: TestRun, package: str = "") -> TestResult:
@@ -53,8 +58,8 @@ def decide(test: TestSpec, run: TestRun, package: str = "") -> TestResult:
             superficial=test.has("superficial"),
             duration=run.duration,
             restrictions=tuple(sorted(test.restrictions)),
-            stdout=run.stdout,
-            stderr=run.stderr,
+            stdout=run.stdout.excerpt(),
+            stderr=run.stderr.excerpt(),
         )
 
     if run.timed_out:
@@ -64,8 +69,7 @@ def decide(test: TestSpec, run: TestRun, package: str = "") -> TestResult:
     if run.returncode != 0:
         return result(Verdict.FAIL, f"non-zero exit status {run.returncode}")
     if run.stderr and not test.has("allow-stderr"):
-        first = run.stderr.decode("UTF-8", "replace").split("\n", 1)[0].rstrip("\n \t\r")
-        return result(Verdict.FAIL, f"stderr: {first}")
+        return result(Verdict.FAIL, f"stderr: {run.stderr.first_line()}")
     return result(Verdict.PASS)
 
 
@@ -153,9 +157,9 @@ def _run_as(test: TestSpec, env: TestEnvironment, script: str) -> list[str]:
 NOTES_MARKER = b"\0nestbed-wrapper-notes\0"
 
 
-def _pump(src: IO[bytes], sink: Callable[[bytes], None], store: bytearray) -> None:
+def _pump(src: IO[bytes], sink: Callable[[bytes], None], store: Capture) -> None:
     while chunk := src.read1(65536):  # type: ignore[attr-defined]
-        store += chunk
+        store.write(chunk)
         sink(chunk)
 
 
@@ -164,7 +168,7 @@ class StderrSplitter:
     (they follow NOTES_MARKER). Only bytes that may begin the marker are held back, so a
     test's output is never delayed unless it writes a NUL byte."""
 
-    def __init__(self, sink: Callable[[bytes], None], store: bytearray) -> None:
+    def __init__(self, sink: Callable[[bytes], None], store: Capture) -> None:
         self._sink = sink
         self._store = store
         self._held = b""
@@ -173,7 +177,7 @@ class StderrSplitter:
 
     def _emit(self, data: bytes) -> None:
         if data:
-            self._store += data
+            self._store.write(data)
             self._sink(data)
 
     def feed(self, chunk: bytes) -> None:
@@ -227,7 +231,29 @@ def run_test(
     test runs again with AUTOPKGTEST_REBOOT_MARK=MARK, its output appended, as often as it
     asks.
     """
-    out, err, notes = bytearray(), bytearray(), bytearray()
+    out, err, notes = Capture(), Capture(), bytearray()
+    try:
+        return _run_until_done(
+            testbed, test, env, timeout, console, reboot, clean_first, out, err, notes
+        )
+    except BaseException:
+        out.close()
+        err.close()
+        raise
+
+
+def _run_until_done(
+    testbed: Testbed,
+    test: TestSpec,
+    env: TestEnvironment,
+    timeout: int,
+    console: Console,
+    reboot: Callable[[], None] | None,
+    clean_first: tuple[str, ...],
+    out: Capture,
+    err: Capture,
+    notes: bytearray,
+) -> TestRun:
     started = time.monotonic()
     mark = ""
     while True:
@@ -250,7 +276,7 @@ def run_test(
     duration = time.monotonic() - started
     text = notes.decode("UTF-8", "replace")
     timed_out = stuck or "timed-out" in text
-    return TestRun(returncode, bytes(out), bytes(err), timed_out, duration, text, tuple(argv))
+    return TestRun(returncode, out, err, timed_out, duration, text, tuple(argv))
 
 
 def _with_cleanup(argv: list[str], paths: tuple[str, ...]) -> list[str]:
@@ -262,8 +288,8 @@ def _with_cleanup(argv: list[str], paths: tuple[str, ...]) -> list[str]:
 def _run_once(
     testbed: Testbed,
     argv: list[str],
-    out: bytearray,
-    err: bytearray,
+    out: Capture,
+    err: Capture,
     timeout: int,
     console: Console,
 ) -> tuple[int, bool, bytes]:

@@ -15,6 +15,7 @@ from typing import BinaryIO
 from nestbed.log import Console
 from nestbed.report.machine import write_json, write_junit
 from nestbed.report.results import ExitStatus, TestResult
+from nestbed.run.capture import Capture
 from nestbed.run.options import RunOptions
 
 
@@ -94,11 +95,10 @@ class RunOutputs:
             with open(os.path.join(self.dir, "testpkg-version"), "w") as f:
                 f.write(f"{name} {version}\n")
 
-    def write_test_streams(self, test: str, stdout: bytes, stderr: bytes) -> None:
+    def write_test_streams(self, test: str, stdout: Capture, stderr: Capture) -> None:
         for suffix, data in (("stdout", stdout), ("stderr", stderr)):
             if data:
-                with open(os.path.join(self.dir, f"{test}-{suffix}"), "wb") as f:
-                    f.write(data)
+                data.save(os.path.join(self.dir, f"{test}-{suffix}"))
 
     def write_test_packages(self, test: str, listing: str) -> None:
         """The packages new since the testbed opened (by name, as autopkgtest's join -v2)."""

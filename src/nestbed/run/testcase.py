@@ -120,8 +120,12 @@ class TestCaseRunner:
         self.outputs.record(executor.decide(test, run, tree.name))
         if run.stderr and not test.has("allow-stderr") and not run.timed_out:
             self.console.info(f"test {name}:  - - - - - - - - - - stderr - - - - - - - - - -")
-            self.console.write_stderr(run.stderr)
-        self._save_outputs(test, env, run, baseline)
+            for chunk in run.stderr.chunks():
+                self.console.write_stderr(chunk)
+        try:
+            self._save_outputs(test, env, run, baseline)
+        finally:
+            run.close()
 
     def _save_outputs(
         self,
