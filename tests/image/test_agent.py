@@ -41,11 +41,11 @@ def channel() -> Iterator[Channel]:
 
 def test_frames_survive_garbage() -> None:
     dec = agent.Decoder()
-    frame = agent.encode(agent.T.PING, 7, b"NB\x00payload with NB inside")
+    frame = agent.encode(agent.FrameType.PING, 7, b"NB\x00payload with NB inside")
     data = b"console noise NBNB\x01" + frame + b"xx" + frame
     frames = [f for i in range(0, len(data), 5) for f in dec.feed(data[i : i + 5])]
     assert [(f.type, f.stream, f.payload) for f in frames] == [
-        (agent.T.PING, 7, b"NB\x00payload with NB inside")
+        (agent.FrameType.PING, 7, b"NB\x00payload with NB inside")
     ] * 2
 
 
@@ -105,6 +105,6 @@ def test_get_refuses_paths_outside(channel: Channel, tmp_path: Path) -> None:
     target = tmp_path / "in"
     target.mkdir()
     with tarfile.open(fileobj=evil) as tf, pytest.raises(ChannelError, match="outside"):
-        from nestbed.guest.channel import _safe_extract
+        from nestbed.guest.channel import safe_extract
 
-        _safe_extract(tf, target)
+        safe_extract(tf, target)

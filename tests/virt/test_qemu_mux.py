@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from nestbed.guest import frameclient
-from nestbed.guest.agent import OUTPUT_WINDOW, T
+from nestbed.guest.agent import OUTPUT_WINDOW, FrameType
 from nestbed.qemu.execclient import helper_argv
 from nestbed.qemu.mux import BUFFER_LIMIT, Mux, MuxTimeout
 
@@ -212,7 +212,7 @@ def test_in_process_request_streams_output_with_a_bounded_buffer(rig: Rig) -> No
 
     errors = bytearray()
     outcome = rig.mux.request(
-        T.EXEC, {"argv": ["sh", "-c", PRINT_BIG]}, out=slow_writer, err=errors.extend
+        FrameType.EXEC, {"argv": ["sh", "-c", PRINT_BIG]}, out=slow_writer, err=errors.extend
     )
     assert outcome.exit_status == 0 and errors == b""
     assert (size, digest.hexdigest()) == (BIG, BIG_SHA)
@@ -223,19 +223,24 @@ def test_in_process_request_stdin_status_and_timeout(rig: Rig) -> None:
     out = bytearray()
     blob = os.urandom(3 << 20)  # more than the stdin window
     outcome = rig.mux.request(
-        T.EXEC,
+        FrameType.EXEC,
         {"argv": ["cat"], "stdin": True},
         stdin=io.BytesIO(blob),
         out=out.extend,
         err=out.extend,
     )
     assert outcome.exit_status == 0 and out == blob
-    missing = rig.mux.request(T.EXEC, {"argv": ["/nonexistent"]}, out=out.extend, err=out.extend)
+    missing = rig.mux.request(
+        FrameType.EXEC, {"argv": ["/nonexistent"]}, out=out.extend, err=out.extend
+    )
     assert missing.exit_status == 127 and missing.request_fault
     with pytest.raises(MuxTimeout):
         rig.mux.request(
-            T.EXEC, {"argv": ["sleep", "30"]}, out=out.extend, err=out.extend, timeout=0.5
+            FrameType.EXEC, {"argv": ["sleep", "30"]}, out=out.extend, err=out.extend, timeout=0.5
         )
     # the channel is still usable, and the helpers still work beside it
-    assert rig.mux.request(T.EXEC, {"argv": ["true"]}, out=out.extend, err=out.extend).status == 0
+    assert (
+        rig.mux.request(FrameType.EXEC, {"argv": ["true"]}, out=out.extend, err=out.extend).status
+        == 0
+    )
     assert rig.helper("true")[0] == 0

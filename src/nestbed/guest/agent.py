@@ -46,7 +46,7 @@ EXIT_GRACE = 2.0  # seconds to wait for stdout/stderr EOF after the process exit
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-class T(enum.IntEnum):
+class FrameType(enum.IntEnum):
     """Frame types: host→guest below 0x80, guest→host from 0x80."""
 
     HELLO = 0x01  # payload: nonce; resets the agent; answered by HELLO_REPLY
@@ -137,7 +137,7 @@ class RequestError(Exception):
     """A request that cannot be carried out; becomes an ERROR frame."""
 
 
-class Session:
+class RunningCommand:
     """One running command. A plain class, not a dataclass: the agent must run on
     python3-minimal (images from autopkgtest's builders), which has no dataclasses module."""
 
@@ -176,7 +176,7 @@ class Agent:
         self.fd = fd
         self.exit_on_eof = exit_on_eof
         self.decoder = Decoder()
-        self.sessions: dict[int, Session] = {}
+        self.sessions: dict[int, RunningCommand] = {}
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe()
         _set_nonblocking(self.wake_r)
@@ -192,7 +192,7 @@ class Agent:
             view = view[n:]
 
     def error(self, stream: int, message: str) -> None:
-        self.send(encode_json(T.ERROR, stream, {"message": message}))
+        self.send(encode_json(FrameType.ERROR, stream, {"message": message}))
 
     # -- main loop ----------------------------------------------------------------------
     def run(self) -> int:
@@ -258,7 +258,7 @@ class Agent:
     # -- requests -----------------------------------------------------------------------
     def handle(self, frame: Frame) -> None:
         t, stream = frame.type, frame.stream
-        if t == T.HELLO:
+        if t == FrameType.HELLO:
             self.reset()
             # after the nonce, a newer host says what it supports (an older one sends none)
             options = _json_or_empty(frame.payload[NONCE_SIZE:])
@@ -273,19 +273,19 @@ class Agent:
             if self.output_acks:
                 info["output_window"] = OUTPUT_WINDOW
             reply = frame.payload[:NONCE_SIZE].ljust(NONCE_SIZE, b"\0")
-            self.send(encode(T.HELLO_REPLY, stream, reply + json.dumps(info).encode()))
-        elif t == T.PING:
-            self.send(encode(T.PONG, stream, frame.payload))
-        elif t in (T.EXEC, T.PUT, T.GET):
+            self.send(encode(FrameType.HELLO_REPLY, stream, reply + json.dumps(info).encode()))
+        elif t == FrameType.PING:
+            self.send(encode(FrameType.PONG, stream, frame.payload))
+        elif t in (FrameType.EXEC, FrameType.PUT, FrameType.GET):
             if stream == 0 or stream in self.sessions:
                 raise RequestError(f"stream {stream} is zero or already in use")
             request = _json(frame.payload)
-            if t == T.PUT:
+            if t == FrameType.PUT:
                 request = _put_request(request)
-            elif t == T.GET:
+            elif t == FrameType.GET:
                 request = _get_request(request)
             self.start(stream, request)
-        elif t == T.STDIN:
+        elif t == FrameType.STDIN:
             session = self.sessions.get(stream)
             if session is None or session.stdin_eof:
                 return  # stdin of a finished stream: dropped
@@ -294,14 +294,14 @@ class Agent:
             else:
                 session.stdin_eof = True
             self.update_stdin(session)
-        elif t == T.OUTPUT_ACK:
+        elif t == FrameType.OUTPUT_ACK:
             session = self.sessions.get(stream)
             if session is not None and len(frame.payload) == 8:
                 (consumed,) = struct.unpack(">Q", frame.payload)
                 session.output_unacked = max(0, session.output_unacked - consumed)
                 if session.paused and session.output_unacked < OUTPUT_WINDOW:
                     self.watch_output(session, True)
-        elif t == T.SIGNAL:
+        elif t == FrameType.SIGNAL:
             session = self.sessions.get(stream)
             if session is not None:
                 signum = _json(frame.payload).get("signal", signal.SIGTERM)
@@ -348,23 +348,25 @@ class Agent:
             )
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             raise RequestError(f"cannot run {argv[0]}: {e}") from None
-        session = Session(stream, proc)
+        session = RunningCommand(stream, proc)
         assert proc.stdout is not None and proc.stderr is not None
-        for pipe, ftype in ((proc.stdout, T.STDOUT), (proc.stderr, T.STDERR)):
+        for pipe, ftype in ((proc.stdout, FrameType.STDOUT), (proc.stderr, FrameType.STDERR)):
             _set_nonblocking(pipe.fileno())
             session.readers[pipe.fileno()] = ftype
             self.sel.register(pipe.fileno(), selectors.EVENT_READ, ("out", stream))
         if proc.stdin is not None:
             _set_nonblocking(proc.stdin.fileno())
         self.sessions[stream] = session
-        self.send(encode_json(T.STARTED, stream, {"pid": proc.pid}))
+        self.send(encode_json(FrameType.STARTED, stream, {"pid": proc.pid}))
 
     # -- stdin --------------------------------------------------------------------------
-    def update_stdin(self, session: Session) -> None:
+    def update_stdin(self, session: RunningCommand) -> None:
         stdin = session.proc.stdin
         if stdin is None or stdin.closed:
             if session.stdin_buf:  # nobody reads it: consume so the host is not stalled
-                self.send(encode(T.ACK, session.stream, struct.pack(">Q", len(session.stdin_buf))))
+                self.send(
+                    encode(FrameType.ACK, session.stream, struct.pack(">Q", len(session.stdin_buf)))
+                )
                 session.stdin_buf.clear()
             return
         fd = stdin.fileno()
@@ -377,7 +379,7 @@ class Agent:
             if session.stdin_eof:
                 stdin.close()
 
-    def feed_stdin(self, session: Session) -> None:
+    def feed_stdin(self, session: RunningCommand) -> None:
         stdin = session.proc.stdin
         assert stdin is not None
         consumed = 0
@@ -391,11 +393,11 @@ class Agent:
             stdin.close()
         del session.stdin_buf[:consumed]
         if consumed:
-            self.send(encode(T.ACK, session.stream, struct.pack(">Q", consumed)))
+            self.send(encode(FrameType.ACK, session.stream, struct.pack(">Q", consumed)))
         self.update_stdin(session)
 
     # -- output and exit ----------------------------------------------------------------
-    def read_output(self, session: Session, fd: int) -> None:
+    def read_output(self, session: RunningCommand, fd: int) -> None:
         if session.paused:
             return
         try:
@@ -415,7 +417,7 @@ class Agent:
             # waits on its writes instead of the host buffering without bound
             self.watch_output(session, False)
 
-    def watch_output(self, session: Session, on: bool) -> None:
+    def watch_output(self, session: RunningCommand, on: bool) -> None:
         """Read the session's output pipes again (on) or stop reading them (off)."""
         session.paused = not on
         registered = self.sel.get_map()
@@ -425,7 +427,7 @@ class Agent:
             elif not on and fd in registered:
                 self.sel.unregister(fd)
 
-    def close_reader(self, session: Session, fd: int) -> None:
+    def close_reader(self, session: RunningCommand, fd: int) -> None:
         if fd in self.sel.get_map():
             self.sel.unregister(fd)
         del session.readers[fd]
@@ -458,9 +460,9 @@ class Agent:
             status = {"status": rc, "signal": None} if rc >= 0 else {"status": None, "signal": -rc}
             self.close_session(session)
             del self.sessions[session.stream]
-            self.send(encode_json(T.EXIT, session.stream, status))
+            self.send(encode_json(FrameType.EXIT, session.stream, status))
 
-    def close_session(self, session: Session) -> None:
+    def close_session(self, session: RunningCommand) -> None:
         for fd in list(session.readers):
             self.close_reader(session, fd)
         stdin = session.proc.stdin
@@ -470,7 +472,7 @@ class Agent:
             with contextlib.suppress(OSError):
                 stdin.close()
 
-    def kill(self, session: Session, signum: int) -> None:
+    def kill(self, session: RunningCommand, signum: int) -> None:
         try:
             os.killpg(session.proc.pid, signum)
         except (ProcessLookupError, PermissionError):

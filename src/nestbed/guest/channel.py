@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from nestbed.errors import TestbedFailure
-from nestbed.guest.agent import CHUNK, STDIN_WINDOW, Decoder, Frame, T, encode, encode_json
+from nestbed.guest.agent import CHUNK, STDIN_WINDOW, Decoder, Frame, FrameType, encode, encode_json
 from nestbed.guest.frameclient import HelloExchange, RequestStream, output_window
 
 
@@ -39,7 +39,7 @@ class ExecError(ChannelError):
 
 
 @dataclass(frozen=True)
-class ExecResult:
+class GuestResult:
     status: int | None  # exit status, or None when killed by a signal
     signal: int | None
     stdout: bytes  # what was captured (empty when streamed to a file)
@@ -180,10 +180,10 @@ class Channel:
         start = time.monotonic()
         deadline = _deadline(timeout)
         token = payload + secrets.token_bytes(8)
-        self._send(encode(T.PING, 0, token))
+        self._send(encode(FrameType.PING, 0, token))
         while True:
             for frame in self._pump(deadline, "ping"):
-                if frame.type == T.PONG and frame.payload == token:
+                if frame.type == FrameType.PONG and frame.payload == token:
                     return time.monotonic() - start
 
     def exec(
@@ -198,7 +198,7 @@ class Channel:
         stdout: BinaryIO | Sink | None = None,
         stderr: BinaryIO | Sink | None = None,
         timeout: float | None = None,
-    ) -> ExecResult:
+    ) -> GuestResult:
         """Run argv in the guest; stdout/stderr are captured unless a file or callable is given.
 
         On timeout the process group is killed and ChannelTimeout raised."""
@@ -210,19 +210,19 @@ class Channel:
             "user": user,
             "stdin": stdin is not None,
         }
-        return self._stream(T.EXEC, request, stdin, stdout, stderr, timeout, " ".join(argv))
+        return self._stream(FrameType.EXEC, request, stdin, stdout, stderr, timeout, " ".join(argv))
 
     def put_tar(
         self, tar: BinaryIO | bytes, guest_dir: str, *, timeout: float | None = None
     ) -> None:
         """Unpack a tar stream into guest_dir (created if needed), as root, keeping modes."""
-        res = self._stream(T.PUT, {"path": guest_dir}, tar, None, None, timeout, "put")
+        res = self._stream(FrameType.PUT, {"path": guest_dir}, tar, None, None, timeout, "put")
         if res.returncode != 0:
             raise ChannelError(f"put to {guest_dir} failed: {res.stderr.decode(errors='replace')}")
 
     def get_tar(self, guest_path: str, out: BinaryIO, *, timeout: float | None = None) -> None:
         """Write a tar stream of guest_path (its last component at the top) to out."""
-        res = self._stream(T.GET, {"path": guest_path}, None, out, None, timeout, "get")
+        res = self._stream(FrameType.GET, {"path": guest_path}, None, out, None, timeout, "get")
         if res.returncode != 0:
             raise ChannelError(f"get {guest_path} failed: {res.stderr.decode(errors='replace')}")
 
@@ -240,27 +240,27 @@ class Channel:
         self.get_tar(guest_path, buf, **kw)
         buf.seek(0)
         with tarfile.open(fileobj=buf, mode="r") as tf:
-            _safe_extract(tf, Path(local_dir))
+            safe_extract(tf, Path(local_dir))
 
     # -- one stream, start to exit ------------------------------------------------------
     def _stream(
         self,
-        ftype: T,
+        ftype: FrameType,
         request: dict[str, Any],
         stdin: bytes | BinaryIO | None,
         stdout: BinaryIO | Sink | None,
         stderr: BinaryIO | Sink | None,
         timeout: float | None,
         what: str,
-    ) -> ExecResult:
+    ) -> GuestResult:
         stream = self._next_stream
         self._next_stream = self._next_stream % 0xFFFFFFFF + 1
         deadline = _deadline(timeout)
-        captured = {T.STDOUT: bytearray(), T.STDERR: bytearray()}
+        captured = {FrameType.STDOUT: bytearray(), FrameType.STDERR: bytearray()}
         frames = RequestStream(
             stream,
-            _sink(stdout, captured[T.STDOUT]),
-            _sink(stderr, captured[T.STDERR]),
+            _sink(stdout, captured[FrameType.STDOUT]),
+            _sink(stderr, captured[FrameType.STDERR]),
             output_acks=output_window(self.info) > 0,
         )
         source: BinaryIO | None = io.BytesIO(stdin) if isinstance(stdin, bytes) else stdin
@@ -280,11 +280,11 @@ class Channel:
                         continue
                     if outcome.error is not None:
                         raise ExecError(f"{what}: {outcome.error}")
-                    return ExecResult(
+                    return GuestResult(
                         outcome.status,
                         outcome.signal,
-                        bytes(captured[T.STDOUT]),
-                        bytes(captured[T.STDERR]),
+                        bytes(captured[FrameType.STDOUT]),
+                        bytes(captured[FrameType.STDERR]),
                     )
                 self._send(frames.acks())
         except ChannelTimeout:
@@ -293,12 +293,12 @@ class Channel:
 
     def _abort(self, stream: int) -> None:
         """Kill the stream's processes and wait briefly for its EXIT, so it is not left over."""
-        self._send(encode_json(T.SIGNAL, stream, {"signal": 9}))
+        self._send(encode_json(FrameType.SIGNAL, stream, {"signal": 9}))
         deadline = _deadline(5.0)
         try:
             while True:
                 for frame in self._pump(deadline, "kill"):
-                    if frame.stream == stream and frame.type in (T.EXIT, T.ERROR):
+                    if frame.stream == stream and frame.type in (FrameType.EXIT, FrameType.ERROR):
                         return
         except ChannelError:
             pass
@@ -312,7 +312,7 @@ def _sink(target: BinaryIO | Sink | None, buf: bytearray) -> Sink:
     return target.write  # type: ignore[return-value]
 
 
-def _safe_extract(tf: tarfile.TarFile, dest: Path) -> None:
+def safe_extract(tf: tarfile.TarFile, dest: Path) -> None:
     """Extract with modes and symlinks kept, but nothing written outside dest.
 
     (Debian 12's Python 3.11.2 has no tarfile extraction filters.)"""

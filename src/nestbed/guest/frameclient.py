@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nestbed.guest.agent import NONCE_SIZE, STDIN_WINDOW, Frame, T, encode, encode_json
+from nestbed.guest.agent import NONCE_SIZE, STDIN_WINDOW, Frame, FrameType, encode, encode_json
 
 EXIT_HELPER_FAILED = 255
 HELPER_NAME = "nestbed-virt-qemu"  # how the exec helper's own messages begin
@@ -39,11 +39,11 @@ class HelloExchange:
     def frame(self) -> bytes:
         nonce = secrets.token_bytes(NONCE_SIZE)
         self._nonces.add(nonce)
-        return encode(T.HELLO, 0, nonce + json.dumps(HELLO_OPTIONS).encode())
+        return encode(FrameType.HELLO, 0, nonce + json.dumps(HELLO_OPTIONS).encode())
 
     def reply(self, frame: Frame) -> dict[str, Any] | None:
         """The agent's facts when `frame` answers one of our HELLOs, else None."""
-        if frame.type != T.HELLO_REPLY or frame.payload[:NONCE_SIZE] not in self._nonces:
+        if frame.type != FrameType.HELLO_REPLY or frame.payload[:NONCE_SIZE] not in self._nonces:
             return None
         self._nonces.clear()
         try:
@@ -97,13 +97,13 @@ class RequestStream:
 
     def __init__(self, stream: int, out: Writer, err: Writer, *, output_acks: bool = False) -> None:
         self.stream = stream
-        self._writers = {T.STDOUT: out, T.STDERR: err}
+        self._writers = {FrameType.STDOUT: out, FrameType.STDERR: err}
         self._output_acks = output_acks
         self._consumed = 0  # output bytes written out and not yet acknowledged
         self.started = False
         self._stdin_in_flight = 0
 
-    def request(self, ftype: T, request: dict[str, Any]) -> bytes:
+    def request(self, ftype: FrameType, request: dict[str, Any]) -> bytes:
         return encode_json(ftype, self.stream, request)
 
     def stdin_room(self) -> int:
@@ -113,15 +113,15 @@ class RequestStream:
     def stdin(self, data: bytes) -> bytes:
         """A STDIN frame for data; empty data is EOF."""
         self._stdin_in_flight += len(data)
-        return encode(T.STDIN, self.stream, data)
+        return encode(FrameType.STDIN, self.stream, data)
 
     def signal(self, signum: int) -> bytes:
-        return encode_json(T.SIGNAL, self.stream, {"signal": signum})
+        return encode_json(FrameType.SIGNAL, self.stream, {"signal": signum})
 
     def acks(self) -> bytes:
         if not self._consumed:
             return b""
-        frame = encode(T.OUTPUT_ACK, self.stream, struct.pack(">Q", self._consumed))
+        frame = encode(FrameType.OUTPUT_ACK, self.stream, struct.pack(">Q", self._consumed))
         self._consumed = 0
         return frame
 
@@ -130,18 +130,18 @@ class RequestStream:
         if frame.stream != self.stream:
             return None
         t = frame.type
-        if t == T.STARTED:
+        if t == FrameType.STARTED:
             self.started = True
-        elif t in (T.STDOUT, T.STDERR):
+        elif t in (FrameType.STDOUT, FrameType.STDERR):
             if frame.payload:
-                self._writers[T(t)](frame.payload)
+                self._writers[FrameType(t)](frame.payload)
                 if self._output_acks:
                     self._consumed += len(frame.payload)
-        elif t == T.ACK:
+        elif t == FrameType.ACK:
             self._stdin_in_flight -= struct.unpack(">Q", frame.payload)[0]
-        elif t == T.EXIT:
+        elif t == FrameType.EXIT:
             result = json.loads(frame.payload)
             return Outcome(result.get("status"), result.get("signal"))
-        elif t == T.ERROR:
+        elif t == FrameType.ERROR:
             return Outcome(None, None, str(json.loads(frame.payload).get("message", "error")))
         return None

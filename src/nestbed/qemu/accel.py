@@ -2,7 +2,7 @@
 
 autopkgtest picks KVM whenever /dev/kvm exists. On this project's machines /dev/kvm is
 provided by `kvm_pvm` (a software backend without VMX/SVM) and a stock kernel hangs under it
-(shared/MACHINE-NOTES.md), so `auto` checks what backs the device first.
+(docs/qemu.md, "Accelerator"), so `auto` checks what backs the device first.
 
 The check never runs QEMU and never waits: it looks at /dev/kvm (a character device that
 opens read-write), at which KVM module is loaded and at the CPU flags. Inside a level-1

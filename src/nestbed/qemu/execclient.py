@@ -23,7 +23,7 @@ import signal
 import socket
 import sys
 
-from nestbed.guest.agent import CHUNK, Decoder, T
+from nestbed.guest.agent import CHUNK, Decoder, FrameType
 from nestbed.guest.frameclient import (
     EXIT_HELPER_FAILED,
     HELPER_NAME,
@@ -54,7 +54,7 @@ def connect(path: str) -> socket.socket:
 
 def stream(
     sock: socket.socket,
-    ftype: T,
+    ftype: FrameType,
     request: dict[str, object],
     stdin_fd: int | None,
     out: Writer,
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             request = {"argv": command, "stdin": stdin_fd is not None}
             outcome = stream(
-                sock, T.EXEC, request, stdin_fd, _writer(1), _writer(2), sig_r, pending
+                sock, FrameType.EXEC, request, stdin_fd, _writer(1), _writer(2), sig_r, pending
             )
         finally:
             sock.close()

@@ -10,7 +10,7 @@ The base image is never written: the root disk is a qcow2 overlay in a private t
 directory. Extra disks (the read-only base image for nested tests, ...) follow the root disk
 in order, each as `-drive if=none` + `-device virtio-blk-pci,serial=...` (mixing `if=virtio`
 with `-device` reorders disks on QEMU 7.2). The default accelerator is TCG with `-cpu max`:
-KVM on this project's machines cannot run a stock kernel (shared/MACHINE-NOTES.md), and
+KVM on this project's machines cannot run a stock kernel (docs/qemu.md, "Accelerator"), and
 `-cpu max` under TCG gives the guest SVM, so KVM works inside it.
 """
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from nestbed.guest.agent import CHUNK, Decoder, Frame, T, encode, encode_json
+from nestbed.guest.agent import CHUNK, Decoder, Frame, FrameType, encode, encode_json
 from nestbed.guest.frameclient import (
     EXIT_HELPER_FAILED,
     HELPER_NAME,
@@ -58,9 +58,9 @@ from nestbed.guest.frameclient import (
 PANIC_MARKERS = (b"Kernel panic - not syncing", b"---[ end Kernel panic")
 # bytes waiting for slow clients above which an agent without output windows is not read
 BUFFER_LIMIT = 8 << 20
-_FORWARDED = (T.EXEC, T.PUT, T.GET)
-_OUTPUT = (T.STDOUT, T.STDERR)
-_LAST = (T.EXIT, T.ERROR)
+_FORWARDED = (FrameType.EXEC, FrameType.PUT, FrameType.GET)
+_OUTPUT = (FrameType.STDOUT, FrameType.STDERR)
+_LAST = (FrameType.EXIT, FrameType.ERROR)
 _LOCAL_STREAM = 1  # an in-process request is a client with one stream
 
 
@@ -203,7 +203,7 @@ class Mux:
 
     def request(
         self,
-        ftype: T,
+        ftype: FrameType,
         request: dict[str, Any],
         *,
         stdin: BinaryIO | None = None,
@@ -260,7 +260,7 @@ class Mux:
         out, err = bytearray(), bytearray()
         try:
             outcome = self.request(
-                T.EXEC,
+                FrameType.EXEC,
                 {"argv": argv, "stdin": stdin is not None},
                 stdin=None if stdin is None else io.BytesIO(stdin),
                 out=out.extend,
@@ -388,7 +388,7 @@ class Mux:
         for c in list(self._clients):
             # the reason, not just a closed socket: the helper prints it for the user
             for cs in list(c.streams):
-                self._deliver(c, T.ERROR, cs, _message(f"lost the testbed: {why}"))
+                self._deliver(c, FrameType.ERROR, cs, _message(f"lost the testbed: {why}"))
             if c.sock is not None:
                 with contextlib.suppress(OSError):
                     c.sock.send(c.out)
@@ -422,7 +422,7 @@ class Mux:
             return
         for frame in self._decoder.feed(data):
             if frame.stream == 0:
-                if frame.type == T.HELLO_REPLY:
+                if frame.type == FrameType.HELLO_REPLY:
                     self._on_hello_reply(frame)
                 continue
             route = self._routes.get(frame.stream)
@@ -464,7 +464,7 @@ class Mux:
             return
         left = self._unacked.get(agent_stream, 0)
         self._unacked[agent_stream] = max(0, left - n)
-        self._agent_out += encode(T.OUTPUT_ACK, agent_stream, struct.pack(">Q", n))
+        self._agent_out += encode(FrameType.OUTPUT_ACK, agent_stream, struct.pack(">Q", n))
 
     def _reconnect(self) -> bool:
         """QEMU closed the connection while still running (a guest reset after a restore
@@ -509,7 +509,7 @@ class Mux:
             if client is not None and not client.closed:
                 client.streams.pop(cs, None)
                 client.unsent_output.clear()
-                self._deliver(client, T.ERROR, cs, _message(message))
+                self._deliver(client, FrameType.ERROR, cs, _message(message))
 
     def _on_hello_reply(self, frame: Frame) -> None:
         with self._lock:
@@ -553,7 +553,7 @@ class Mux:
         for cs, agent_stream in c.streams.items():
             self._routes[agent_stream] = (None, cs)  # keep until EXIT, drop its frames
             if self.dead is None:
-                self._agent_out += encode_json(T.SIGNAL, agent_stream, {"signal": 9})
+                self._agent_out += encode_json(FrameType.SIGNAL, agent_stream, {"signal": 9})
                 # what it had not taken is taken: the agent must drain the pipes to end
                 self._ack_output(agent_stream, self._unacked.get(agent_stream, 0))
         c.streams.clear()
@@ -591,28 +591,30 @@ class Mux:
         t, cs = frame.type, frame.stream
         if t in _FORWARDED:
             if cs == 0 or cs in c.streams:
-                self._deliver(c, T.ERROR, cs, _message(f"stream {cs} in use"))
+                self._deliver(c, FrameType.ERROR, cs, _message(f"stream {cs} in use"))
             elif self.dead is not None:
-                self._deliver(c, T.ERROR, cs, _message(f"lost the testbed: {self.dead}"))
+                self._deliver(c, FrameType.ERROR, cs, _message(f"lost the testbed: {self.dead}"))
             else:
                 agent_stream = self._next
                 self._next = self._next % 0xFFFFFFF0 + 1
                 c.streams[cs] = agent_stream
                 self._routes[agent_stream] = (c, cs)
                 self._agent_out += encode(t, agent_stream, frame.payload)
-        elif t in (T.STDIN, T.SIGNAL) or (t == T.OUTPUT_ACK and c.sock is None):
+        elif t in (FrameType.STDIN, FrameType.SIGNAL) or (
+            t == FrameType.OUTPUT_ACK and c.sock is None
+        ):
             # (a helper's window is returned here, as its socket takes the output)
             agent_stream_opt = c.streams.get(cs)
             if agent_stream_opt is None:
                 return
-            if t == T.OUTPUT_ACK:
+            if t == FrameType.OUTPUT_ACK:
                 self._ack_output(agent_stream_opt, struct.unpack(">Q", frame.payload)[0])
             else:
                 self._agent_out += encode(t, agent_stream_opt, frame.payload)
-        elif t == T.PING:
-            self._deliver(c, T.PONG, cs, frame.payload)
+        elif t == FrameType.PING:
+            self._deliver(c, FrameType.PONG, cs, frame.payload)
         else:
-            self._deliver(c, T.ERROR, cs, _message(f"frame type {t} not allowed"))
+            self._deliver(c, FrameType.ERROR, cs, _message(f"frame type {t} not allowed"))
 
     # -- console ------------------------------------------------------------------------
     def _check_console(self) -> None:

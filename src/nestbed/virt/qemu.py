@@ -49,8 +49,8 @@ from typing import BinaryIO, ClassVar, NoReturn
 
 from nestbed import proc
 from nestbed.errors import NestbedError
-from nestbed.guest.agent import T
-from nestbed.guest.channel import _safe_extract
+from nestbed.guest.agent import FrameType
+from nestbed.guest.channel import safe_extract
 from nestbed.image import bare as bare_mod
 from nestbed.image import cache as cache_mod
 from nestbed.image import foreign as foreign_mod
@@ -720,7 +720,11 @@ class QemuServer(VirtServer):
 
     # ---- copies --------------------------------------------------------------------------
     def _stream(
-        self, ftype: T, request: dict[str, object], stdin: BinaryIO | None, out: BinaryIO | None
+        self,
+        ftype: FrameType,
+        request: dict[str, object],
+        stdin: BinaryIO | None,
+        out: BinaryIO | None,
     ) -> None:
         errors = bytearray()
         mux = self._mux()
@@ -743,14 +747,14 @@ class QemuServer(VirtServer):
             with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
                 tf.add(host, arcname=name, filter=_as_root)
             buf.seek(0)
-            self._stream(T.PUT, {"path": parent or "/"}, buf, None)
+            self._stream(FrameType.PUT, {"path": parent or "/"}, buf, None)
 
     def copyup(self, tb: str, host: str, is_dir: bool) -> None:
         if not is_dir and os.path.isdir(host):
             host = os.path.join(host, os.path.basename(tb))
         dest_dir, name = os.path.split(os.path.abspath(host))
         with tempfile.TemporaryFile() as buf:
-            self._stream(T.GET, {"path": tb}, None, buf)
+            self._stream(FrameType.GET, {"path": tb}, None, buf)
             buf.seek(0)
             try:
                 with tarfile.open(fileobj=buf, mode="r") as tf:
@@ -763,7 +767,7 @@ class QemuServer(VirtServer):
                         m.name = name + ("/" + rest[1] if len(rest) > 1 else "")
                         m.uid, m.gid, m.uname, m.gname = os.getuid(), os.getgid(), "", ""
                     os.makedirs(dest_dir, exist_ok=True)
-                    _safe_extract(tf, Path(dest_dir))
+                    safe_extract(tf, Path(dest_dir))
             except (OSError, ValueError, tarfile.TarError, NestbedError) as e:
                 self.warn(f"copyup {tb} -> {host} failed: {e}")
                 raise CommandRefused(COPY_FAILED) from None
