@@ -38,3 +38,8 @@ def value_of(name: str, caps: Iterable[str]) -> str | None:
     """The value of capability `name` among `caps`, or None when it is not advertised."""
     prefix = name + "="
     return next((c[len(prefix) :] for c in caps if c.startswith(prefix)), None)
+
+
+# Not a capability but the runner's hint to a server, in its environment: a test in the run
+# declares needs-baseimage, so a server that can export its base image should (QEMU does).
+WANT_BASEIMAGE = "NESTBED_WANT_BASEIMAGE"

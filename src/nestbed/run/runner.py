@@ -20,6 +20,7 @@ import traceback
 from collections.abc import Callable, Mapping
 
 from nestbed import errors
+from nestbed.capabilities import WANT_BASEIMAGE
 from nestbed.log import DEBUG, Console
 from nestbed.report.results import TestResult, Verdict
 from nestbed.run import build
@@ -34,14 +35,10 @@ from nestbed.spec.model import TestSpec
 
 VERSION = "0.1.0"
 
-# the virt server exports its base image when asked (servers that cannot export ignore it)
-WANT_BASEIMAGE_ENV = "NESTBED_WANT_BASEIMAGE"
-
-
 def server_hints(declared: frozenset[str]) -> dict[str, str]:
     """What the virt server should know before it opens the testbed, from the restrictions
     the run's tests declare: a test that needs the base image gets it without a flag."""
-    return {WANT_BASEIMAGE_ENV: "1"} if "needs-baseimage" in declared else {}
+    return {WANT_BASEIMAGE: "1"} if "needs-baseimage" in declared else {}
 
 
 class Runner:
@@ -67,7 +64,7 @@ class Runner:
         info(f"starting date and time: {time.strftime('%Y-%m-%d %H:%M:%S%z')}")
         info(f"version {VERSION}")
         info(f"host {socket.gethostname()}; command line: {shlex.join(sys.argv)}")
-        if WANT_BASEIMAGE_ENV in self.server_env:
+        if WANT_BASEIMAGE in self.server_env:
             self.console.debug("a test declares needs-baseimage: asking the testbed to export it")
         try:
             self.lifecycle = TestbedLifecycle(

@@ -43,7 +43,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO, ClassVar, NoReturn
 
@@ -56,6 +56,7 @@ from nestbed.image import cache as cache_mod
 from nestbed.image import foreign as foreign_mod
 from nestbed.image.cache import MANIFEST, ImagePaths
 from nestbed.qemu import accel as accel_mod
+from nestbed.qemu.baseimage import GUEST_BASEIMAGE, GUEST_PROBE, choose_base_image, probe_results
 from nestbed.qemu.execclient import helper_argv
 from nestbed.qemu.machine import Drive, Machine, MachineConfig, MachineError
 from nestbed.qemu.mux import Mux, MuxDead, MuxTimeout
@@ -72,45 +73,7 @@ from nestbed.testbed.protocol import (
 
 NORMAL_USER = "nestbed"
 EXTRA_SERIAL = "nestbed-extra{}"
-WANT_BASEIMAGE_ENV = "NESTBED_WANT_BASEIMAGE"  # the runner: a test in the run needs-baseimage
-GUEST_BASEIMAGE = "/lib/autopkgtest/baseimage"
 DEFAULT_RAM_MB = 2048
-
-# What the server checks in the guest after every boot, restore and reboot, inside a
-# command it runs anyway (each guest exec costs 0.1-0.5 s under TCG): shell builtins only,
-# but for ln/mkdir when something is missing. $1 is the base image's disk serial, or empty
-# when it is not exported; $2 is 1 when the guest's normal user is wanted (an image not
-# built by nestbed has no `nestbed` user: the first with uid 1000-59999 is taken). Old
-# images have no udev rule for /dev/baseimage: the disk is found by its serial in sysfs (no
-# waiting for udev); /lib/autopkgtest/baseimage is a symlink to it on the root file system,
-# so it survives reboots.
-GUEST_PROBE = """
-if [ -n "$2" ]; then
-  echo "nestbed-probe:user=$(getent passwd | sort -t: -k3,3n |
-    awk -F: '$3 >= 1000 && $3 < 60000 { print $1; exit }')"
-fi
-kvm=0
-if [ -c /dev/kvm ] && { [ -d /sys/module/kvm_amd ] || [ -d /sys/module/kvm_intel ]; }; then
-  if true 2>/dev/null <>/dev/kvm; then kvm=1; fi
-fi
-echo "nestbed-probe:kvm=$kvm"
-if [ -n "$1" ]; then
-  if [ ! -e /dev/baseimage ]; then
-    for d in /sys/block/vd*; do
-      s=; read -r s 2>/dev/null <"$d/serial" || :
-      if [ "$s" = "$1" ]; then ln -sf "${d##*/}" /dev/baseimage || :; fi
-    done
-  fi
-  base=missing
-  if [ -b /dev/baseimage ]; then
-    base=ok
-    if [ ! -L /lib/autopkgtest/baseimage ]; then
-      mkdir -p /lib/autopkgtest && ln -sfn /dev/baseimage /lib/autopkgtest/baseimage || :
-    fi
-  fi
-  echo "nestbed-probe:baseimage=$base"
-fi
-"""
 
 
 def default_ram_mb(meminfo: Path = Path("/proc/meminfo")) -> int:
@@ -158,71 +121,6 @@ def normalise_argv(argv: Sequence[str]) -> list[str]:
             return out + list(argv[i:])
         out.append("--baseimage=" if word == "--baseimage" else word)
     return out
-
-
-def _resolved(path: Path) -> Path:
-    try:
-        return path.resolve()
-    except (OSError, RuntimeError):
-        return path.absolute()
-
-
-def choose_base_image(
-    requested: str | None,
-    forbidden: bool,
-    images: Sequence[str],
-    first: ImagePaths,
-    env: Mapping[str, str],
-) -> tuple[Drive | None, str | None]:
-    """Which disk to export as the base image (a read-only Drive with the base serial, or
-    None), and a warning to give once, if any. Raises ServerFailure for bad input.
-
-    `requested` is None (no --baseimage), "" (a bare --baseimage) or the PATH given."""
-    serial = first.manifest.base_serial
-    if forbidden:
-        return None, None
-    if requested is None:
-        if env.get(WANT_BASEIMAGE_ENV) != "1":
-            return None, None
-        if len(images) > 1:
-            return None, (
-                "a test needs the base image, but several images were given: not exporting "
-                "it; name the one to export with --baseimage=PATH"
-            )
-        return Drive(first.disk.absolute(), serial, first.manifest.format), None
-    if requested == "":
-        if len(images) > 1:
-            raise ServerFailure(
-                "--baseimage: several images given: name the one to export with --baseimage=PATH"
-            )
-        return Drive(first.disk.absolute(), serial, first.manifest.format), None
-    wanted = Path(requested)
-    if not wanted.exists():
-        raise ServerFailure(f"--baseimage={requested}: no such file")
-    target = _resolved(wanted)
-    first_names = {_resolved(Path(images[0])), _resolved(first.disk)}
-    if first.disk.parent == first.directory:
-        first_names.add(_resolved(first.directory))
-    if target in first_names:
-        return Drive(first.disk.absolute(), serial, first.manifest.format), None
-    for name in images[1:]:
-        if _resolved(Path(name)) == target:
-            path = Path(name).absolute()
-            return Drive(path, serial, _disk_format(path)), None
-    raise ServerFailure(f"--baseimage={requested}: not among the images given")
-
-
-def _probe_results(stdout: bytes) -> tuple[list[str], dict[str, str]]:
-    """Split a command's output into its own lines and the probe's key=value answers."""
-    own: list[str] = []
-    found: dict[str, str] = {}
-    for line in stdout.decode(errors="replace").splitlines():
-        if line.startswith("nestbed-probe:"):
-            key, _, value = line[len("nestbed-probe:") :].partition("=")
-            found[key] = value
-        else:
-            own.append(line)
-    return own, found
 
 
 class QemuServer(VirtServer):
@@ -358,9 +256,12 @@ class QemuServer(VirtServer):
         if args.overlay_dir and not os.path.isdir(args.overlay_dir):
             raise ServerFailure(f"--overlay-dir {args.overlay_dir}: not a directory")
         # bad input is found before anything is said, so it is the one line a user sees
-        base, note = choose_base_image(
-            args.baseimage, args.no_baseimage, args.images, self.image, os.environ
-        )
+        try:
+            base, note = choose_base_image(
+                args.baseimage, args.no_baseimage, args.images, self.image, os.environ
+            )
+        except NestbedError as e:
+            raise ServerFailure(str(e)) from None
         if note:
             self.warn(note)
         self.base = base
@@ -641,7 +542,7 @@ class QemuServer(VirtServer):
         if res.returncode != 0:
             err = res.stderr.decode(errors="replace").strip()
             raise ServerFailure(self._explain(f"cannot refresh the restored guest: {err}"))
-        self._take_probe(_probe_results(res.stdout)[1])
+        self._take_probe(probe_results(res.stdout)[1])
         return made
 
     def _wait_system_running(self) -> None:
@@ -653,7 +554,7 @@ class QemuServer(VirtServer):
         )
         if res.returncode in (254, 255):
             raise ServerFailure(self._explain(res.stderr.decode(errors="replace").strip()))
-        own, found = _probe_results(res.stdout)
+        own, found = probe_results(res.stdout)
         self._take_probe(found)
         state = " ".join(own).strip()
         if state not in ("running", "degraded"):
