@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -10,11 +11,15 @@ from dataclasses import replace
 from typing import NoReturn
 
 from nestbed import errors
-from nestbed.log import DEBUG, INFO, QUIET, program_name
+from nestbed.log import DEBUG, INFO, PLAIN, QUIET, program_name
 from nestbed.run.options import DEFAULT_TIMEOUTS, RunOptions, Timeouts
 from nestbed.run.setup import APT_UPGRADE, SetupRequest, read_command
 from nestbed.sources import classify
 from nestbed.testbed.client import resolve_virt_server
+
+_log = logging.getLogger(__name__)
+# before the run has a Console: `nestbed: error: ...`, as a bad command line always said
+_PLAIN = {"style": PLAIN}
 
 DESCRIPTION = """\
 Run the as-installed tests (DEP-8, debian/tests/control) of a Debian source package in a
@@ -365,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         options = parse_args(args)
     except errors.NestbedError as e:
-        print(f"{program_name()}: error: {e}", file=sys.stderr)
+        _log.error(str(e), extra=_PLAIN)
         return errors.exit_code(e)
     from nestbed.run.prescan import declared_restrictions
 
@@ -378,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             server = (*resolve_virt_server("qemu"), image)
             options = replace(options, virt_argv=("qemu", image), virt_server=server)
         except errors.NestbedError as e:
-            print(f"{program_name()}: error: {e}", file=sys.stderr)
+            _log.error(str(e), extra=_PLAIN)
             return errors.exit_code(e)
     from nestbed.run.runner import run
 

@@ -172,10 +172,10 @@ def main(argv: list[str]) -> int:
         try:
             return command(args)
         except NestbedError as e:
-            sys.stderr.write(f"nestbed: error: {e}\n")
+            log.error(str(e), extra=_REPORT)
             return EXIT_ERROR
         except Interrupted:
-            sys.stderr.write("nestbed: interrupted\n")
+            log.warning("interrupted", extra=_REPORT)
             return EXIT_INTERRUPTED
 
 

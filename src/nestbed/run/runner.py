@@ -8,6 +8,7 @@ The pieces, each crossed once on a test's way from the command line to its resul
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import shutil
@@ -21,7 +22,7 @@ from collections.abc import Callable, Mapping
 
 from nestbed import errors
 from nestbed.capabilities import WANT_BASEIMAGE
-from nestbed.log import DEBUG, Console
+from nestbed.log import DEBUG, PLAIN, Console
 from nestbed.report.results import TestResult, Verdict
 from nestbed.run import build
 from nestbed.run.lifecycle import TestbedLifecycle
@@ -233,7 +234,7 @@ def run(options: RunOptions, declared_restrictions: frozenset[str] = frozenset()
     try:
         runner = Runner(options, console, server_hints(declared_restrictions))
     except OSError as e:
-        print(f"nestbed: error: {e}", file=sys.stderr)
+        logging.getLogger(__name__).error(str(e), extra={"style": PLAIN})
         return errors.exit_code(e)
     try:
         with ShutdownOnSignals((signal.SIGINT, signal.SIGTERM)):

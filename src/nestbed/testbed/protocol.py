@@ -708,6 +708,6 @@ def run_server(server_class: type[VirtServer], argv: Sequence[str] | None = None
     try:
         server = server_class(args)
     except ServerFailure as e:
-        sys.stderr.write(f"nestbed-virt-{server_class.name}: {e}\n")
+        _log.warning(str(e))
         sys.exit(1)
     sys.exit(serve(server))
