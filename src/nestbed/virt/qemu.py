@@ -209,65 +209,15 @@ class QemuServer(VirtServer):
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
-        first = Path(args.images[0])
-        self.label = args.images[0]
-        # a bare disk: no manifest.json beside it (/dev/baseimage in a nested testbed)
-        self.bare = not first.is_dir() and not (first.parent / MANIFEST).is_file()
-        # a disk from another builder (autopkgtest's): its own bootloader, then nestbed's agent
-        # started through the root shell on ttyS1
-        self.foreign = False
-        boot = "kernel"
-        started = time.monotonic()
-        try:
-            if not self.bare:
-                self.image = ImagePaths.load(first)
-            else:
-                try:
-                    self.image = _check_bare(first)
-                except bare_mod.NotNestbedImage:
-                    self.image, boot = foreign_mod.load_foreign_image(first)
-                    self.foreign, self.bare = True, False
-        except NestbedError as e:
-            raise ServerFailure(str(e)) from None
-        if self.bare:
-            self.debug(f"{first}: a bare image, read in {time.monotonic() - started:.1f} s")
-        if self.foreign:
-            if args.boot != "auto":
-                boot = args.boot
-            self.debug(f"{first}: not a nestbed image: booting it with {boot.upper()} firmware")
-        elif args.boot != "auto":
-            raise ServerFailure(
-                f"--boot={args.boot}: {first} is a nestbed image, which boots its kernel directly"
-            )
+        # bad input is found before anything is said, so it is the one line a user sees
+        boot = self._load_first_image(args)
         if args.password is not None:
             self.warn("--password is ignored: nestbed does not log in on the console")
-        extra: list[Drive] = []
-        for i, name in enumerate(args.images[1:], 1):
-            path = Path(name)
-            if not path.is_file():
-                raise ServerFailure(f"{name}: no such image file")
-            extra.append(Drive(path.absolute(), EXTRA_SERIAL.format(i), _disk_format(path)))
-        if args.ram_size is None:
-            args.ram_size = default_ram_mb()
-            if args.ram_size < DEFAULT_RAM_MB:
-                self.debug(f"--ram-size {args.ram_size}: half of this machine's memory")
-        if args.cpus < 1 or args.ram_size < 128:
-            raise ServerFailure("--cpus must be at least 1 and --ram-size at least 128")
-        if args.overlay_dir and not os.path.isdir(args.overlay_dir):
-            raise ServerFailure(f"--overlay-dir {args.overlay_dir}: not a directory")
-        # bad input is found before anything is said, so it is the one line a user sees
-        try:
-            base, note = choose_base_image(
-                args.baseimage, args.no_baseimage, args.images, self.image, os.environ
-            )
-        except NestbedError as e:
-            raise ServerFailure(str(e)) from None
-        if note:
-            self.warn(note)
-        self.base = base
-        if base is not None:
-            self.debug(f"exporting {base.path} as the base image (serial {base.serial})")
-            extra.append(base)
+        extra = self._extra_images(args)
+        self._check_machine_options(args)
+        self.base = self._base_drive(args)
+        if self.base is not None:
+            extra.append(self.base)
         self.accel = accel_mod.choose(args.accel)
         self.warn(self.accel.describe())
         self.config = MachineConfig.for_image(
@@ -306,6 +256,75 @@ class QemuServer(VirtServer):
         self.base_seen: bool | None = None
         self.serial_shell: SerialShell | None = None  # foreign images: the root shell on ttyS1
         self.guest_user = ""  # foreign images: the first normal user the guest has
+
+    def _load_first_image(self, args: argparse.Namespace) -> str:
+        """Read the first IMAGE: a nestbed image, a bare nestbed disk, or a disk from another
+        builder (autopkgtest's: its own bootloader, then nestbed's agent started through the
+        root shell on ttyS1). Returns how it boots: kernel, bios or efi."""
+        first = Path(args.images[0])
+        self.label = args.images[0]
+        # a bare disk: no manifest.json beside it (/dev/baseimage in a nested testbed)
+        self.bare = not first.is_dir() and not (first.parent / MANIFEST).is_file()
+        self.foreign = False
+        boot = "kernel"
+        started = time.monotonic()
+        try:
+            if not self.bare:
+                self.image = ImagePaths.load(first)
+            else:
+                try:
+                    self.image = _check_bare(first)
+                except bare_mod.NotNestbedImage:
+                    self.image, boot = foreign_mod.load_foreign_image(first)
+                    self.foreign, self.bare = True, False
+        except NestbedError as e:
+            raise ServerFailure(str(e)) from None
+        if self.bare:
+            self.debug(f"{first}: a bare image, read in {time.monotonic() - started:.1f} s")
+        if self.foreign:
+            if args.boot != "auto":
+                boot = args.boot
+            self.debug(f"{first}: not a nestbed image: booting it with {boot.upper()} firmware")
+        elif args.boot != "auto":
+            raise ServerFailure(
+                f"--boot={args.boot}: {first} is a nestbed image, which boots its kernel directly"
+            )
+        return boot
+
+    def _check_machine_options(self, args: argparse.Namespace) -> None:
+        if args.ram_size is None:
+            args.ram_size = default_ram_mb()
+            if args.ram_size < DEFAULT_RAM_MB:
+                self.debug(f"--ram-size {args.ram_size}: half of this machine's memory")
+        if args.cpus < 1 or args.ram_size < 128:
+            raise ServerFailure("--cpus must be at least 1 and --ram-size at least 128")
+        if args.overlay_dir and not os.path.isdir(args.overlay_dir):
+            raise ServerFailure(f"--overlay-dir {args.overlay_dir}: not a directory")
+
+    @staticmethod
+    def _extra_images(args: argparse.Namespace) -> list[Drive]:
+        """The other IMAGEs, read-only, after the root disk."""
+        extra: list[Drive] = []
+        for i, name in enumerate(args.images[1:], 1):
+            path = Path(name)
+            if not path.is_file():
+                raise ServerFailure(f"{name}: no such image file")
+            extra.append(Drive(path.absolute(), EXTRA_SERIAL.format(i), _disk_format(path)))
+        return extra
+
+    def _base_drive(self, args: argparse.Namespace) -> Drive | None:
+        """The base image's disk when it is exported (attached last), else None."""
+        try:
+            base, note = choose_base_image(
+                args.baseimage, args.no_baseimage, args.images, self.image, os.environ
+            )
+        except NestbedError as e:
+            raise ServerFailure(str(e)) from None
+        if note:
+            self.warn(note)
+        if base is not None:
+            self.debug(f"exporting {base.path} as the base image (serial {base.serial})")
+        return base
 
     # ---- capabilities and exec ------------------------------------------------------------
     def capabilities(self) -> list[str]:
