@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 
-from debian._arch_table import DpkgArchTable
+from debian.debian_support import DpkgArchTable
 
 
 @functools.cache
