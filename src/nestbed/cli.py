@@ -159,7 +159,10 @@ def _add_logging(p: argparse.ArgumentParser) -> None:
         "--json", dest="json_file", metavar="FILE", help="write one JSON record per test"
     )
     g.add_argument(
-        "--junit", dest="junit_file", metavar="FILE", help="write JUnit XML (GitLab, Jenkins)"
+        "--junit",
+        dest="junit_file",
+        metavar="FILE",
+        help="write JUnit XML (GitLab, Jenkins; each test's output cut to its first MiB)",
     )
     g.add_argument(
         "-q",
