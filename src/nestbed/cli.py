@@ -141,6 +141,14 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
         default=True,
         help="do not build the package; test with the archive's binaries",
     )
+    g.add_argument(
+        "--no-auto-control",
+        dest="auto_control",
+        action="store_false",
+        default=True,
+        help="do not generate tests with autodep8 (run by default for a package with no"
+        " debian/tests/control or with Testsuite: autopkgtest-pkg-*)",
+    )
 
 
 def _add_logging(p: argparse.ArgumentParser) -> None:
@@ -361,6 +369,7 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
         junit_file=ns.junit_file,
         build_parallel=ns.build_parallel,
         setup=setup,
+        auto_control=ns.auto_control,
     )
 
 

@@ -310,4 +310,42 @@ CASES = (
         ("uses-build           PASS",),
         (*_STANDARD_FILES, "uses-build-stdout"),
     ),
+    Case(
+        # no debian/tests/control: autodep8 runs on the host and its control file
+        # (here debian/tests/control.autodep8, which autodep8 prints first) is tested
+        "autodep8-control",
+        "autodep8-control",
+        ("-B",),
+        0,
+        ("from-autodep8        PASS", "smoke                PASS"),
+        (*_STANDARD_FILES, "from-autodep8-stdout", "smoke-stdout"),
+    ),
+    Case(
+        # --no-auto-control: autodep8 is not run, so no tests
+        "autodep8-no-auto-control",
+        "autodep8-control",
+        ("-B", "--no-auto-control"),
+        8,
+        ("*                    SKIP no tests in this package",),
+    ),
+    Case(
+        # Testsuite: autopkgtest-pkg-python with a control file of its own: autodep8's
+        # control file, the package's own tests first, then the generated import test
+        # (of the archive's python3-six, installed from the mirror if it is not yet)
+        "autodep8-python",
+        "autodep8-python",
+        ("-B",),
+        0,
+        ("own                  PASS", "autodep8-python3     PASS (superficial)"),
+        marks=(pytest.mark.network,),
+    ),
+    Case(
+        # lines that are not deb822 (no colon, a continuation before any field): ignored,
+        # as python-debian ignores them; nestbed warns on stderr with file:line
+        "lenient-control",
+        "lenient-control",
+        ("-B",),
+        0,
+        ("first                PASS", "second               PASS"),
+    ),
 )

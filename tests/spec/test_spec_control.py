@@ -12,6 +12,7 @@ from nestbed.errors import InvalidControl
 from nestbed.spec import model
 from nestbed.spec.control import parse_control
 from nestbed.spec.model import UnsupportedTest
+from nestbed.spec.stanzas import Oddity
 
 
 @pytest.fixture
@@ -321,20 +322,32 @@ def test_error_in_a_later_stanza_after_valid_ones(src: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("control", "line"),
+    ("control", "names", "warned"),
     [
-        ("Tests: a\nthis is not a field\n", 2),
-        ("Tests: a\n\n  indented first line\nTests: b\n", 3),
-        ("# c\n\n-----BEGIN PGP SIGNED MESSAGE-----\nTests: a\n", 3),
-        ("Tests: a\n: no name\n", 2),
-        ("Tests: a\nTwo words: value\n", 2),
+        # a line with no colon is ignored; a continuation after it continues the field
+        ("Tests: a\nthis is not a field\n b\n", ["a", "b"], [2]),
+        # a continuation line before any field of its stanza is ignored
+        ("Tests: a\n\n  indented first line\nTests: b\n", ["a", "b"], [3]),
+        ("Tests: a\n: no name\n", ["a"], [2]),
+        ("Tests: a\nTwo words: value\n", ["a"], [2]),
+        # a stanza with no field ends the file: what follows is ignored
+        ("Tests: a\n\njunk\n\nTests: b\n\nTests: c\n", ["a"], [3, 5, 7]),
     ],
 )
-def test_deb822_syntax_errors(src: Path, control: str, line: int) -> None:
-    error = parse_error(src, control)
-    assert (error.path, error.line, error.field) == ("debian/tests/control", line, None)
-    assert str(error).startswith(f"debian/tests/control:{line}: ")
-    assert "Field: value" in error.message or "continuation" in error.message
+def test_lines_that_are_not_deb822_are_read_as_autopkgtest_reads_them(
+    src: Path, control: str, names: list[str], warned: list[int]
+) -> None:
+    warnings: list[Oddity] = []
+    path = write_control(src, control)
+    entries = parse_control(path, src, "amd64", display_path="x", warnings=warnings)
+    assert [e.name for e in entries] == names
+    assert [w.line for w in warnings] == warned
+    assert all("ignored" in w.message for w in warnings)
+
+
+def test_pgp_armour_is_an_error(src: Path) -> None:
+    error = parse_error(src, "# c\n\n-----BEGIN PGP SIGNED MESSAGE-----\nTests: a\n")
+    _check(error, 3, None, "PGP armour (a signed file) is not supported here")
 
 
 def test_non_utf8(src: Path) -> None:

@@ -123,6 +123,11 @@ SAMPLES = {
     "bom": "\ufeffTests: a\n",
     "unicode": "Tests: tést ünïcode\nDepends:\n",
     "unicode-space-line": "Tests: a\n\u00a0\nDepends: x\n",
+    # lines that are not deb822: ignored, and a stanza without fields ends the file
+    "no-colon-line": "Tests: a\nnot a field\n b\nDepends: x\n",
+    "leading-continuation": " leading\nTests: a\n\n  indented\nTest-Command: true\n",
+    "fieldless-stanza": "Tests: a\n\njunk only\n\nTests: b\n\nTest-Command: c\n",
+    "unicode-space-stanza": "Tests: a\n\n\u00a0\n\nTests: b\n",
 }
 
 
@@ -263,9 +268,9 @@ def test_agrees_on_generated_controls(source: Path, stanzas: list[str]) -> None:
 
 # ---- garbled control files -------------------------------------------------------------
 
-# Our errors for files autopkgtest reads differently by design: it silently drops lines
-# that are not deb822, and crashes (ValueError, UnicodeDecodeError) on the other two.
-_OURS_ONLY = re.compile(r"syntax error|continuation line|line break character|not valid UTF-8")
+# Our errors for files autopkgtest reads differently by design: it crashes (ValueError,
+# UnicodeDecodeError) on odd line breaks and bad UTF-8; PGP armour we do not follow.
+_OURS_ONLY = re.compile(r"PGP armour|line break character|not valid UTF-8")
 _BAD_ALTERNATIVE = re.compile(r"invalid dependency '([^']*)'")
 
 

@@ -54,3 +54,4 @@ class RunOptions:
     junit_file: str | None = None
     build_parallel: str | None = None
     setup: SetupRequest = field(default_factory=SetupRequest)
+    auto_control: bool = True  # --no-auto-control: False, autodep8 is never run

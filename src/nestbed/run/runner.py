@@ -146,6 +146,8 @@ class Runner:
                     life.facts.arch,
                     life.testbed.caps,
                     self.options.ignore_restrictions,
+                    auto_control=self.options.auto_control,
+                    console=self.console,
                 )
             return plan
 

@@ -10,7 +10,7 @@ from nestbed.spec.arch import architecture_skip_reason
 from nestbed.spec.compat import RESTRICTIONS_IMPLY_DEPS
 from nestbed.spec.depends import DependencyError, SourcePackage, expand_depends
 from nestbed.spec.model import TestSpec, UnsupportedTest
-from nestbed.spec.stanzas import Stanza, read_stanzas
+from nestbed.spec.stanzas import Oddity, Stanza, read_stanzas
 
 # Field names as autopkgtest spells them after string.capwords().
 KNOWN_FIELDS = frozenset(
@@ -62,6 +62,7 @@ def parse_control(
     testbed_arch: str,
     *,
     display_path: str | None = None,
+    warnings: list[Oddity] | None = None,
 ) -> list[TestSpec | UnsupportedTest]:
     """Parse a DEP-8 control file into its tests, in file order.
 
@@ -69,11 +70,13 @@ def parse_control(
     name) come back as UnsupportedTest with autopkgtest's reason; restrictions are left to
     compat.unsupported_reason(). A control file that does not exist has no tests.
     Raises InvalidControl, naming `display_path` (default: `control_path`), line and
-    field, for anything that makes autopkgtest call the package erroneous, and for
-    syntax errors and bad encodings that autopkgtest would ignore or crash on.
+    field, for anything that makes autopkgtest call the package erroneous, and for bad
+    encodings and line breaks that autopkgtest would crash on. Lines that are not deb822
+    are read as autopkgtest reads them (ignored, see spec.stanzas), each one added to
+    `warnings` if given.
     """
     display = display_path if display_path is not None else os.fspath(control_path)
-    stanzas = read_stanzas(control_path, display, strict=True)
+    stanzas = read_stanzas(control_path, display, strict=False, warnings=warnings)
     if stanzas is None:
         return []
     source = SourcePackage(srcdir, testbed_arch)

@@ -5,12 +5,20 @@ hands the rest to python-debian's Deb822 and then joins continuation lines. pyth
 does not report line numbers and silently ignores lines it cannot place, so we walk the
 lines ourselves to find stanzas, field lines and syntax errors, and let Deb822 turn each
 stanza into values, so that values are exactly what autopkgtest sees.
+
+What python-debian does with lines that are not deb822, and so what autopkgtest sees:
+a line with no colon is ignored (a continuation line after it still continues the field
+before it); a continuation line before any field of its stanza is ignored; a stanza with
+no field at all ends the file (python-debian's iter_paragraphs stops at the first empty
+paragraph), so every stanza after it is ignored too. Without `strict` we do the same and
+report each such line through `warnings`.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import string
 from dataclasses import dataclass, field
 
@@ -21,6 +29,17 @@ from nestbed.errors import InvalidControl
 # python-debian decides "blank line" on the encoded bytes, i.e. ASCII whitespace only;
 # the same characters may not appear in a field name.
 _ASCII_SPACE = frozenset(" \t\n\r\x0b\x0c")
+# python-debian's PGP armour lines (Deb822._gpgre): they change how it splits stanzas
+_PGP_ARMOUR = re.compile(r"-----(BEGIN|END) PGP [^-]+-----[\r\t ]*$")
+
+
+@dataclass(frozen=True)
+class Oddity:
+    """A line autopkgtest reads differently from how it looks: ignored, or the rest of
+    the file ignored after it."""
+
+    line: int
+    message: str
 
 
 @dataclass(frozen=True)
@@ -50,13 +69,18 @@ class Stanza:
 
 
 def read_stanzas(
-    path: str | os.PathLike[str], display: str, *, strict: bool
+    path: str | os.PathLike[str],
+    display: str,
+    *,
+    strict: bool,
+    warnings: list[Oddity] | None = None,
 ) -> list[Stanza] | None:
     """Stanzas of the file at `path`, or None if it does not exist.
 
     Raises InvalidControl (naming `display`) if the file cannot be read or is not UTF-8,
     and, when `strict`, for lines that are neither a field, a continuation nor a comment.
-    Without `strict` such lines are dropped, as python-debian drops them.
+    Without `strict` such lines are dropped, as python-debian drops them, and each is
+    added to `warnings` if given.
     """
     try:
         with open(path, "rb") as f:
@@ -76,7 +100,7 @@ def read_stanzas(
         raise InvalidControl(
             display, line, None, f"not valid UTF-8 (byte {data[e.start]:#04x})"
         ) from e
-    return parse_stanzas(text, display, strict=strict)
+    return parse_stanzas(text, display, strict=strict, warnings=warnings)
 
 
 def _strip_comment(line: str) -> str | None:
@@ -111,16 +135,33 @@ def _field_name(line: str) -> str | None:
     return prefix[:end]
 
 
-def parse_stanzas(text: str, display: str, *, strict: bool) -> list[Stanza]:
+def parse_stanzas(
+    text: str, display: str, *, strict: bool, warnings: list[Oddity] | None = None
+) -> list[Stanza]:
     stanzas: list[Stanza] = []
     pending: list[tuple[int, str]] = []
+    oddities: list[Oddity] = [] if warnings is None else warnings
+    ended_at = 0  # the line of a stanza without fields: python-debian reads no further
 
     def flush() -> None:
-        if pending:
-            stanza = _build_stanza(pending, display, strict=strict)
+        nonlocal ended_at
+        if not pending:
+            return
+        if ended_at:
+            oddities.append(
+                Oddity(
+                    pending[0][0],
+                    f"stanza ignored, as autopkgtest ignores it: the stanza at line {ended_at}"
+                    " has no field, and python-debian reads no further",
+                )
+            )
+        else:
+            stanza = _build_stanza(pending, display, strict=strict, oddities=oddities)
             if stanza is not None:
                 stanzas.append(stanza)
-            pending.clear()
+            elif not strict:
+                ended_at = pending[0][0]
+        pending.clear()
 
     # newline=None: the universal newlines of open() in text mode, which autopkgtest uses
     for number, raw in enumerate(io.StringIO(text, newline=None), start=1):
@@ -128,6 +169,10 @@ def parse_stanzas(text: str, display: str, *, strict: bool) -> list[Stanza]:
         if line is None:
             continue
         line = line.strip("\r\n")
+        if line.startswith("-") and _PGP_ARMOUR.match(line):
+            raise InvalidControl(
+                display, number, None, "PGP armour (a signed file) is not supported here"
+            )
         if not line or all(c in _ASCII_SPACE for c in line):
             flush()
         else:
@@ -154,7 +199,9 @@ class _Occurrence:
     continuations: int = 0
 
 
-def _build_stanza(lines: list[tuple[int, str]], display: str, *, strict: bool) -> Stanza | None:
+def _build_stanza(
+    lines: list[tuple[int, str]], display: str, *, strict: bool, oddities: list[Oddity]
+) -> Stanza | None:
     occurrences: list[_Occurrence] = []
     kept: list[str] = []
     for number, line in lines:
@@ -179,6 +226,14 @@ def _build_stanza(lines: list[tuple[int, str]], display: str, *, strict: bool) -
                     None,
                     "continuation line (starting with a space) before any field",
                 )
+            else:
+                oddities.append(
+                    Oddity(
+                        number,
+                        "continuation line (starting with a space) before any field:"
+                        " ignored, as autopkgtest ignores it",
+                    )
+                )
         elif line.isspace():
             continue  # only non-ASCII spaces: python-debian skips it without ending the stanza
         elif strict:
@@ -188,6 +243,14 @@ def _build_stanza(lines: list[tuple[int, str]], display: str, *, strict: bool) -
                 None,
                 f"syntax error: {line!r} is not 'Field: value', a continuation line "
                 "(starting with a space) or a comment",
+            )
+        else:
+            oddities.append(
+                Oddity(
+                    number,
+                    f"{line!r} is not 'Field: value', a continuation line (starting with a"
+                    " space) or a comment: ignored, as autopkgtest ignores it",
+                )
             )
     if not occurrences:
         return None
