@@ -71,6 +71,53 @@ def test_git_url_is_cloned_and_tested(tmp_path: Path) -> None:
     assert [line.split()[1] for line in results(p)] == ["PASS", "PASS", "PASS"]
 
 
+def _git_repo_with_branch(tmp_path: Path) -> Path:
+    """pass-basic on the default branch; on `wip`, a control file with one other test."""
+    repo = tmp_path / "repo"
+    shutil.copytree(FIXTURES / "pass-basic", repo)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    for argv in (["init", "-q", "-b", "main"], ["add", "."], ["commit", "-q", "-m", "fixture"]):
+        subprocess.run([*git, *argv], check=True)
+    subprocess.run([*git, "checkout", "-q", "-b", "wip"], check=True)
+    (repo / "debian" / "tests" / "control").write_text("Test-Command: echo on wip\n")
+    subprocess.run([*git, "commit", "-q", "-a", "-m", "wip"], check=True)
+    subprocess.run([*git, "checkout", "-q", "main"], check=True)
+    return repo
+
+
+def test_git_url_with_a_branch_tests_that_branch(tmp_path: Path) -> None:
+    repo = _git_repo_with_branch(tmp_path)
+    p = nestbed("-B", f"file://{repo}#wip", "--", "null")
+    assert (p.returncode, results(p)) == (0, ["command1             PASS"]), p.stderr
+    # without the branch: the default branch's three tests
+    p = nestbed("-B", f"file://{repo}", "--", "null")
+    assert p.returncode == 0, p.stderr
+    assert [line.split()[0] for line in results(p)] == ["smoke", "named-command", "command1"]
+
+
+@pytest.mark.autopkgtest
+@pytest.mark.skipif(shutil.which("autopkgtest") is None, reason="autopkgtest is not installed")
+def test_git_url_with_a_branch_as_autopkgtest(tmp_path: Path) -> None:
+    repo = _git_repo_with_branch(tmp_path)
+    url = f"file://{repo}#wip"
+    ours = nestbed("-B", url, "--", "null")
+    theirs = subprocess.run(
+        ["autopkgtest", "-B", url, "--", "null"], capture_output=True, text=True, timeout=900
+    )
+    assert (ours.returncode, results(ours)) == (theirs.returncode, results(theirs)), (
+        ours.stderr + theirs.stderr
+    )
+
+
+def test_git_url_with_a_missing_branch_is_erroneous(tmp_path: Path) -> None:
+    repo = _git_repo_with_branch(tmp_path)
+    p = nestbed("-B", f"file://{repo}#no-such-branch", "--", "null")
+    assert p.returncode == 12, p.stderr
+    assert "badpkg: rules extract failed with exit code" in p.stdout
+    assert "no-such-branch" in p.stderr  # git's own words say which
+    assert "Traceback" not in p.stderr
+
+
 @pytest.fixture
 def local_deb(tmp_path: Path) -> Iterator[Path]:
     """A tiny .deb that is in no archive; purged from this host afterwards."""

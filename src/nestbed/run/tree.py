@@ -74,6 +74,25 @@ def _create_in_testbed(testbed: Testbed, create: str, timeout: int, console: Con
     return result.stdout.decode("UTF-8", "replace").strip().splitlines()[-1]
 
 
+def _git_create(arg: str) -> str:
+    """The commands that make a tree from `URL[#BRANCH]`, as autopkgtest makes it: clone
+    (once more after 15 s if that fails), then with a branch (or a refspec, e.g. of a pull
+    request) fetch it as `testbranch` and check that out."""
+    q = shlex.quote
+    url, _, branch = arg.partition("#")
+    clone = f"git clone --quiet {q(url)} src"
+    steps = [f"{{ {clone} || {{ sleep 15; {clone}; }}; }}"]
+    if branch:
+        fetch = f"git -C src fetch --quiet -fu origin {q(branch + ':testbranch')}"
+        steps.append(f"{{ {fetch} || {{ sleep 15; {fetch}; }}; }}")
+        steps.append("git -C src checkout --quiet testbranch")
+    steps.append(
+        "if [ -x src/debian/rules ] && command -v dpkg-source >/dev/null; then"
+        " dpkg-source --before-build src; fi"
+    )
+    return "; ".join(steps)
+
+
 def prepare(
     testbed: Testbed,
     package: PackageArg,
@@ -138,11 +157,7 @@ def _prepare(
         create = f"apt-get source -q --only-source {q(package.path)}"
     elif package.kind == "git-source":
         _ensure_command(testbed, "git", "git", console, limits)
-        create = (
-            f"git clone --quiet {q(package.path)} src; "
-            "if [ -x src/debian/rules ] && command -v dpkg-source >/dev/null; then"
-            " dpkg-source --before-build src; fi"
-        )
+        create = _git_create(package.path)
     else:
         raise TestbedFailure(f"cannot prepare a {package.kind} in the testbed")
     tb = _create_in_testbed(testbed, create, limits.install, console)
