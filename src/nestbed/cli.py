@@ -227,7 +227,9 @@ def _add_setup(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="COMMANDS_OR_FILE",
         help="run these shell commands as root after opening the testbed (exit 100: the "
-        "package's fault, exit 12; other failures: testbed failure, exit 16)",
+        "package's fault, exit 12; other failures: testbed failure, exit 16); a file, or a "
+        "shipped one by name: setup-testbed, enable-sudo, create-normal-user (autopkgtest's "
+        "when it is installed, else nestbed's own copies of the last two)",
     )
     g.add_argument(
         "-U",

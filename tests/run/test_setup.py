@@ -14,11 +14,17 @@ import pytest
 
 from nestbed.cli import parse_args
 from nestbed.run.binaries import inspect, packages_index
-from nestbed.run.setup import APT_UPGRADE
+from nestbed.run.setup import (
+    APT_UPGRADE,
+    AUTOPKGTEST_SETUP_COMMANDS,
+    OUR_SETUP_COMMANDS,
+    locate_command,
+)
 from tests_support import make_deb, nestbed_argv, write_package
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the null testbed runs tests via su")
 RESULT = re.compile(r"^\S+ +(PASS|FAIL|SKIP|FLAKY)\b")
+FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "packages" / "pass-basic"
 
 
 def nestbed(*args: str) -> subprocess.CompletedProcess[str]:
@@ -138,3 +144,39 @@ def test_apt_pocket_adds_the_suite_and_pins(
     assert p.returncode == 0, p.stderr
     assert re.search(r"^deb \S+ \w+-backports main$", p.stdout, re.M), p.stdout
     assert re.search(r"Package: hello\nPin: release a=\w+-backports\nPin-Priority: 995", p.stdout)
+
+
+def test_setup_commands_by_name_are_looked_up_like_autopkgtest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bare name is a shipped setup command (autopkgtest's directory first, then ours),
+    even when a file of that name is in the current directory, as in autopkgtest; a path or
+    anything not shipped is a file or else the command line itself."""
+    theirs, ours = tmp_path / "theirs", tmp_path / "ours"
+    for directory, names in ((theirs, ["both", "theirs-only"]), (ours, ["both", "ours-only"])):
+        directory.mkdir()
+        for name in names:
+            (directory / name).write_text(f"echo {directory.name} {name}\n")
+    dirs = (str(theirs), str(ours))
+    assert locate_command("both", dirs) == str(theirs / "both")
+    assert locate_command("ours-only", dirs) == str(ours / "ours-only")
+    assert locate_command("echo hi", dirs) == "echo hi"
+    assert locate_command("./both", dirs) == "./both"
+    # the real directories: autopkgtest's enable-sudo when it is installed, else ours
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "enable-sudo").write_text("echo a local file\n")
+    shipped = os.path.join(AUTOPKGTEST_SETUP_COMMANDS, "enable-sudo")
+    if not os.path.exists(shipped):
+        shipped = os.path.join(OUR_SETUP_COMMANDS, "enable-sudo")
+    options = parse_args(["--setup-commands", "enable-sudo", "--setup-commands", "./enable-sudo",
+                          "--setup-commands", "true", str(FIXTURE), "--", "null"])  # fmt: skip
+    with open(shipped, encoding="utf-8") as f:
+        expected = f.read().strip()
+    assert options.setup.setup_commands == (expected, "echo a local file", "true")
+
+
+@pytest.mark.parametrize("name", ["create-normal-user", "enable-sudo"])
+def test_we_ship_our_own_setup_commands(name: str) -> None:
+    path = os.path.join(OUR_SETUP_COMMANDS, name)
+    assert os.access(path, os.X_OK)
+    assert subprocess.run(["sh", "-n", path]).returncode == 0

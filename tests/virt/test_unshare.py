@@ -548,3 +548,39 @@ def test_source_by_name_with_apt_upgrade_agrees_with_autopkgtest(tarball: Path) 
     )
     ref_results = [line for line in ref.stdout.splitlines() if RESULT.match(line)]
     assert (ref.returncode, ref_results) == (0, expected), ref.stderr[-3000:]
+
+
+_SETUP_PROBE = (
+    "#!/bin/sh\nset -e\nuser=$(cat /run/autopkgtest-normal-user)\nid -nG \"$user\"\n"
+    "grep -rh NOPASSWD /etc/sudoers.d/\n"
+)
+
+
+@pytest.mark.parametrize("by", ["name", "our-path"])
+def test_shipped_setup_commands(tarball: Path, tmp_path: Path, by: str) -> None:
+    """`--setup-commands create-normal-user --setup-commands enable-sudo`: by name, the
+    shipped scripts (autopkgtest's where it is installed, else nestbed's); by path, nestbed's
+    own copies, which must do the same. The container takes the changes, not this host."""
+    from nestbed.run.setup import OUR_SETUP_COMMANDS
+
+    tree = write_package(
+        tmp_path / "pkg",
+        {"probe": _SETUP_PROBE},
+        "Tests: probe\nDepends:\nRestrictions: needs-root\n",
+    )
+    names = ["create-normal-user", "enable-sudo"]
+    if by == "our-path":
+        names = [os.path.join(OUR_SETUP_COMMANDS, n) for n in names]
+    setup = [arg for name in names for arg in ("--setup-commands", name)]
+    proc = subprocess.run(
+        [*nestbed_argv(), "-B", *setup, str(tree), "--", "unshare"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    results = [line for line in proc.stdout.splitlines() if RESULT.match(line)]
+    assert (proc.returncode, results) == (0, ["probe                PASS"]), proc.stderr[-3000:]
+    # the new user "test" with a group of its own (adduser adds "users" too); the container
+    # suggests no normal user, so enable-sudo adds nobody to group sudo, but lets that group
+    # sudo without a password
+    groups, rule = proc.stdout.splitlines()[:2]
+    assert (groups.split()[0], "sudo" in groups.split()) == ("test", False), proc.stdout
+    assert rule == "%sudo ALL=(ALL:ALL) NOPASSWD: ALL", proc.stdout

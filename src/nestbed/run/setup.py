@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nestbed.aptsources import host_sources
-from nestbed.errors import BadPackage, TestbedFailure
+from nestbed.errors import BadPackage, TestbedFailure, UsageError
 from nestbed.log import Console
 from nestbed.testbed.client import Testbed
 
@@ -48,11 +48,34 @@ class SetupRequest:
         )
 
 
+# Setup commands by name (`--setup-commands enable-sudo`): autopkgtest's own, when it is
+# installed, then those nestbed ships (package data, the same names where we have one).
+AUTOPKGTEST_SETUP_COMMANDS = "/usr/share/autopkgtest/setup-commands"
+OUR_SETUP_COMMANDS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "setup-commands")
+
+
+def locate_command(value: str, directories: tuple[str, ...] | None = None) -> str:
+    """The file a bare name (no '/') stands for in a setup-commands directory, as
+    autopkgtest looks it up before a file of that name in the current directory; else
+    `value` as it is."""
+    if "/" not in value and value not in ("", ".", ".."):
+        for directory in directories or (AUTOPKGTEST_SETUP_COMMANDS, OUR_SETUP_COMMANDS):
+            shipped = os.path.join(directory, value)
+            if os.path.isfile(shipped):
+                return shipped
+    return value
+
+
 def read_command(value: str) -> str:
-    """A setup command is given inline or as the path of a file holding it."""
-    if os.path.isfile(value):
-        with open(value, encoding="UTF-8") as f:
-            return f.read().strip()
+    """A setup command is given inline, as the path of a file holding it, or as the name
+    of a shipped one (locate_command)."""
+    path = locate_command(value)
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="UTF-8") as f:
+                return f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--setup-commands {value}: cannot read {path}: {e}") from None
     return value
 
 
