@@ -84,8 +84,9 @@ ALL_CAPS = frozenset(
 
 
 def test_known_restrictions_are_autopkgtest_5_28s_and_needs_baseimage() -> None:
-    assert len(KNOWN_RESTRICTIONS) == 16
+    assert len(KNOWN_RESTRICTIONS) == 17
     assert "needs-baseimage" in KNOWN_RESTRICTIONS
+    assert "skip-foreign-architecture" in KNOWN_RESTRICTIONS  # newer autopkgtest
     assert "hint-testsuite-triggers" not in KNOWN_RESTRICTIONS
     assert set(RESTRICTIONS_REQUIRE_CAPS) <= KNOWN_RESTRICTIONS
 
