@@ -53,18 +53,20 @@ class TestPlan:
         *,
         auto_control: bool = True,
         console: Console | None = None,
+        control_path: str | None = None,
     ) -> TestPlan:
         """Parse `tree`'s control file, or autodep8's (none: no tests); an invalid one is
-        InvalidControl. Lines autopkgtest ignores are warned about on `console`."""
-        control = os.path.join(tree, "debian", "tests", "control")
+        InvalidControl. Lines autopkgtest ignores are warned about on `console`.
+        `control_path` (--override-control) is read instead, and autodep8 is not run."""
+        control = control_path or os.path.join(tree, "debian", "tests", "control")
         with tempfile.TemporaryDirectory(prefix="nestbed.autodep8.") as tmp:
             path, display = control, control
-            if auto_control and _wants_autodep8(tree, control):
+            if control_path is None and auto_control and _wants_autodep8(tree, control):
                 asked = _testsuite_names_autodep8(tree)
                 generated = _autodep8(tree, os.path.join(tmp, "control"), console, asked)
                 if generated is not None:
                     path, display = generated, GENERATED
-            elif not auto_control and console is not None and not os.path.exists(control):
+            elif not auto_control and console is not None and not os.path.exists(path):
                 console.debug("auto_control is disabled, and no regular tests")
             if not os.path.exists(path):
                 return cls(())
