@@ -45,11 +45,18 @@ def read_name_version(tree: str) -> tuple[str, str]:
 
 
 def _ensure_command(
-    testbed: Testbed, command: str, package: str, console: Console, limits: Limits
+    testbed: Testbed,
+    command: str,
+    package: str,
+    console: Console,
+    limits: Limits,
+    probe: str | None = None,
 ) -> None:
-    """Install the tool an input needs (dpkg-source, git) when the testbed lacks it."""
-    probe = testbed.execute(["sh", "-c", f"command -v {command}"], timeout=limits.copy)
-    if probe.returncode != 0:
+    """Install the tool an input needs (dpkg-source, git) when the testbed lacks it:
+    `command` is not on PATH, or the shell `probe` fails."""
+    script = probe or f"command -v {command}"
+    found = testbed.execute(["sh", "-c", script], timeout=limits.copy)
+    if found.returncode != 0:
         console.info(f"{command} not available in the testbed, installing {package}")
         deps.install(testbed, (package,), console, limits.install)
 
@@ -157,6 +164,12 @@ def _prepare(
         create = f"apt-get source -q --only-source {q(package.path)}"
     elif package.kind == "git-source":
         _ensure_command(testbed, "git", "git", console, limits)
+        if package.path.startswith("https://"):
+            # autopkgtest installs ca-certificates with git: https needs the CA bundle
+            bundle = "/etc/ssl/certs/ca-certificates.crt"
+            _ensure_command(
+                testbed, bundle, "ca-certificates", console, limits, probe=f"test -e {bundle}"
+            )
         create = _git_create(package.path)
     else:
         raise TestbedFailure(f"cannot prepare a {package.kind} in the testbed")
