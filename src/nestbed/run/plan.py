@@ -37,7 +37,7 @@ class _Entry:
 
 @dataclass(frozen=True)
 class TestPlan:
-    """Every stanza of one package's debian/tests/control, in order."""
+    """Every stanza of one package's control file (its own or autodep8's), in order."""
 
     __test__ = False  # not a pytest test class
 
