@@ -1,6 +1,7 @@
 """Manual pages made from the argparse parsers that --help prints: one text for both.
 
-    python3 -m nestbed.manpage OUTDIR      writes nestbed.1, nestbed-image.1, nestbed-vm.1,
+    python3 -m nestbed.manpage [--version V] OUTDIR
+                                           writes nestbed.1, nestbed-image.1, nestbed-vm.1,
                                            nestbed-virt-{null,unshare,qemu}.1 into OUTDIR
 
 A parser's description and epilog are plain text laid out for a terminal (argparse's
@@ -380,10 +381,10 @@ def _date() -> str:
     return when.strftime("%Y-%m-%d")
 
 
-def write_all(directory: str) -> list[str]:
+def write_all(directory: str, version: str | None = None) -> list[str]:
     """Write every page into directory; return their paths."""
     os.makedirs(directory, exist_ok=True)
-    version, date = _version(), _date()
+    version, date = version or _version(), _date()
     paths = []
     for page in PAGES:
         path = os.path.join(directory, f"{page.name}.{page.section}")
@@ -394,11 +395,13 @@ def write_all(directory: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1 or args[0].startswith("-"):
-        print("usage: python3 -m nestbed.manpage OUTDIR", file=sys.stderr)
-        return 2
-    for path in write_all(args[0]):
+    parser = argparse.ArgumentParser(
+        prog="python3 -m nestbed.manpage", description="write nestbed's manual pages"
+    )
+    parser.add_argument("--version", help="the version the pages name (default: installed)")
+    parser.add_argument("directory", metavar="OUTDIR")
+    args = parser.parse_args(argv)
+    for path in write_all(args.directory, args.version):
         print(path)
     return 0
 
