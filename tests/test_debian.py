@@ -1,13 +1,14 @@
 """nestbed the Debian way: `dpkg-buildpackage -us -uc -b` builds the .deb, lintian finds no
 error in it, and nestbed runs the package's own debian/tests against it (nestbed tests
 nestbed): in a fresh Debian container nestbed builds the package from source and runs its
-debian/tests against what it installed: the programs, their man pages, and the installed
-nestbed running a small package on the null testbed inside.
+debian/tests against what it installed: the programs, their man pages, the installed nestbed
+running a small package on the null testbed inside, and autopkgtest and the installed nestbed
+driving each other's null servers to the same result lines and exit code.
 
 For the .deb's contents and lintian, it is built here once per test run (about 25 s) from a
 copy of this checkout's files (what git tracks and what it would not ignore), with a plain
 Debian PATH: never the checkout or its virtual environment. The container run takes about
-3 minutes (most of it installing the Build-Depends).
+3.5 minutes (most of it installing the Build-Depends).
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ def test_nestbed_builds_and_tests_nestbed_on_fresh_debian(built: Built, tmp_path
     assert results == {
         "installed-programs": "PASS (superficial)",
         "null-testbed": "PASS",
+        "autopkgtest-drives-nestbed": "PASS",
     }, done.stdout + done.stderr[-4000:]
     assert done.returncode == 0
     assert set(summary.splitlines()) <= set(done.stdout.splitlines())  # and on stdout
