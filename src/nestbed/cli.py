@@ -418,5 +418,10 @@ def default_image(nested: bool = False) -> str:
         progress.close()
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The parser --help prints; the man page (nestbed.manpage) is made from it too."""
+    return _build_parser()
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -478,5 +478,10 @@ def console_main() -> NoReturn:
     sys.exit(main())
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The parser --help prints; the man page (nestbed.manpage) is made from it too."""
+    return _parser()
+
+
 if __name__ == "__main__":
     console_main()

@@ -179,5 +179,10 @@ def main(argv: list[str]) -> int:
             return EXIT_INTERRUPTED
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The parser --help prints; the man page (nestbed.manpage) is made from it too."""
+    return _parser()
+
+
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -108,6 +108,8 @@ class VirtServer:
 
     #: name in messages: ``nestbed-virt-NAME: failure: ...``
     name: ClassVar[str] = "base"
+    #: after the options in --help and the man page: what it is, and examples a user types
+    help_epilog: ClassVar[str] = ""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -694,15 +696,23 @@ def common_parser(name: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"nestbed-virt-{name}",
         description="virt server for nestbed/autopkgtest (speaks the protocol on stdin/stdout)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-d", "--debug", action="store_true", help="enable debugging output")
     return parser
 
 
+def server_parser(server_class: type[VirtServer]) -> argparse.ArgumentParser:
+    """The common and the server's own options: what --help prints and the man page shows."""
+    parser = common_parser(server_class.name)
+    parser.epilog = server_class.help_epilog or None
+    server_class.add_arguments(parser)
+    return parser
+
+
 def run_server(server_class: type[VirtServer], argv: Sequence[str] | None = None) -> NoReturn:
     """Parse the common and the server's own options, then serve; never returns."""
-    parser = common_parser(server_class.name)
-    server_class.add_arguments(parser)
+    parser = server_parser(server_class)
     args = parser.parse_args(argv)
     log.setup(f"nestbed-virt-{server_class.name}", log.PLAIN, debug=args.debug)
     try:

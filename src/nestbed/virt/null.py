@@ -31,6 +31,16 @@ _Links = dict[tuple[int, int], str]
 
 class NullServer(VirtServer):
     name: ClassVar[str] = "null"
+    help_epilog: ClassVar[str] = """\
+The host itself is the testbed: tests run on this machine, and as root the runner installs
+their dependencies here with apt. Use it only on a machine you can throw away.
+
+Examples:
+  nestbed -B ./hello -- null                         hello's tests on this host, no build
+  nestbed hello_2.10-3.dsc -- null                   build it here, then test it
+  autopkgtest -B ./hello -- /usr/bin/nestbed-virt-null
+                                                     autopkgtest drives it the same way
+"""
 
     _made: str | None = None  # the scratch dir this process created and must remove
 

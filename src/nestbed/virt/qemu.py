@@ -125,6 +125,20 @@ def normalise_argv(argv: Sequence[str]) -> list[str]:
 
 class QemuServer(VirtServer):
     name: ClassVar[str] = "qemu"
+    help_epilog: ClassVar[str] = """\
+A throwaway virtual machine booted from IMAGE through a temporary overlay: IMAGE itself is
+never written. IMAGE is a nestbed image (nestbed image build) or a disk from autopkgtest's
+builders.
+
+Examples:
+  nestbed image build                                build the default image once
+  nestbed image list                                 the images there are, by NAME
+  nestbed ./hello -- qemu ~/.cache/nestbed/images/NAME
+                                                     build and test hello in a VM of it
+  nestbed -B hello -- qemu --ram-size 4096 IMAGE     more memory for the tests
+  autopkgtest ./hello -- /usr/bin/nestbed-virt-qemu IMAGE
+                                                     autopkgtest drives it the same way
+"""
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -38,6 +38,18 @@ REQUIRED = ("unshare", "nsenter", "tar")
 
 class UnshareServer(VirtServer):
     name: ClassVar[str] = "unshare"
+    help_epilog: ClassVar[str] = """\
+A throwaway container (Linux namespaces) made from a Debian root tarball: nothing a test
+writes or installs reaches the host. Without -t, the first open builds the tarball with
+mmdebstrap from this machine's apt sources and caches it.
+
+Examples:
+  nestbed ./hello -- unshare                         build and test hello in a container
+  nestbed -B hello -- unshare -r trixie              the archive's hello, in trixie
+  nestbed . -- unshare -t bookworm.tar.zst           a root tarball of your own
+  autopkgtest ./hello -- /usr/bin/nestbed-virt-unshare
+                                                     autopkgtest drives it the same way
+"""
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
