@@ -41,7 +41,9 @@ VMs of its own from (docs/nested.md).
   null        the host itself (nestbed-virt-null). As root, test dependencies are
               INSTALLED ON THIS MACHINE with apt, and tests can change it: use null only
               on a machine you can throw away.
-  NAME        any nestbed-virt-NAME on PATH
+  NAME        nestbed-virt-NAME, else autopkgtest's autopkgtest-virt-NAME (beside nestbed,
+              then on PATH): -- schroot CHROOT, -- chroot DIR, -- lxc CONTAINER, -- ssh ...
+  autopkgtest-virt-NAME, nestbed-virt-NAME   that program (from PATH)
   /PATH       any virt server program, e.g. /usr/bin/autopkgtest-virt-null
 
 Examples:

@@ -119,8 +119,8 @@ class RunOutputs:
     def write_testinfo(self, facts: TestbedFacts) -> None:
         # as autopkgtest records it: the server program's name, then its arguments
         argv = list(self.options.virt_argv)
-        if argv and "/" not in argv[0]:
-            argv[0] = f"nestbed-virt-{argv[0]}"
+        if argv and "/" not in argv[0] and self.options.virt_server:
+            argv[0] = os.path.basename(self.options.virt_server[0])
         info: dict[str, object] = {"virt_server": " ".join(shlex.quote(w) for w in argv)}
         if facts.kernel:
             info["kernel_version"] = facts.kernel

@@ -67,24 +67,37 @@ class ExecResult(NamedTuple):
     stderr: bytes
 
 
+# A testbed named without a path: nestbed's server of that name, else autopkgtest's (so
+# `-- schroot CHROOT`, `-- lxc ...`, `-- ssh ...` work as with autopkgtest); a name that
+# already carries either prefix is taken as it is.
+VIRT_PREFIXES = ("nestbed-virt-", "autopkgtest-virt-")
+
+
 def resolve_virt_server(name: str) -> list[str]:
-    """argv of the server for `name`: ``null`` -> nestbed-virt-null from the bin dir of this
-    Python, else from PATH; a value with '/' is a path used as given.
+    """argv of the server for `name`: ``null`` -> nestbed-virt-null, else autopkgtest-virt-null;
+    each first from the bin dir of this Python, then from PATH. ``autopkgtest-virt-NAME`` and
+    ``nestbed-virt-NAME`` name that program; a value with '/' is a path used as given.
 
     The bin dir comes first: it is the same installation as the running runner, where PATH
     may hold another checkout's or an older release's script.
     """
     if "/" in name:
         return [name]
-    prog = f"nestbed-virt-{name}"
+    if name.startswith(VIRT_PREFIXES):
+        candidates = [name]
+    else:
+        candidates = [prefix + name for prefix in VIRT_PREFIXES]
     bindir = os.path.dirname(sys.executable)
-    beside = os.path.join(bindir, prog)
-    if os.path.isfile(beside) and os.access(beside, os.X_OK):
-        return [beside]
-    found = shutil.which(prog)
-    if found:
-        return [found]
-    raise UsageError(f"unknown virt server '{name}': no {prog} in {bindir} nor in PATH")
+    for prog in candidates:
+        beside = os.path.join(bindir, prog)
+        if os.path.isfile(beside) and os.access(beside, os.X_OK):
+            return [beside]
+        found = shutil.which(prog)
+        if found:
+            return [found]
+    raise UsageError(
+        f"unknown virt server '{name}': no {' nor '.join(candidates)} in {bindir} nor in PATH"
+    )
 
 
 class _LineReader:
