@@ -111,6 +111,7 @@ def _build_parser() -> _UsageErrorParser:
     _add_environment(p)
     _add_setup(p)
     _add_timeouts(p)
+    _add_debugging(p)
     p.add_argument("-h", "--help", action="help", help="show this help and exit")
     return p
 
@@ -142,6 +143,26 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
         action="store_false",
         default=True,
         help="do not build the package; test with the archive's binaries",
+    )
+    g.add_argument(
+        "--override-control",
+        metavar="PATH",
+        help="read the (first) package's tests from control file PATH instead of its "
+        "debian/tests/control",
+    )
+    g.add_argument(
+        "-V",
+        "--validate",
+        action="store_true",
+        help="check the test control file and exit: '*  Test specification is valid' "
+        "(exit 0), or erroneous package (exit 12); no test runs",
+    )
+    g.add_argument(
+        "--needs-internet",
+        choices=("run", "try", "skip"),
+        default="run",
+        help="tests with the needs-internet restriction: run them (default), try them (a "
+        "non-zero exit is SKIP, not FAIL) or skip them",
     )
 
 
@@ -210,6 +231,29 @@ def _add_environment(p: argparse.ArgumentParser) -> None:
         help="run tests without needs-root as USER (default: the testbed's suggested user)",
     )
     g.add_argument("--build-parallel", metavar="N", help="DEB_BUILD_OPTIONS parallel=N")
+    g.add_argument(
+        "--gain-root",
+        metavar="COMMAND",
+        help="build with dpkg-buildpackage -rCOMMAND (e.g. fakeroot, sudo) instead of "
+        "installing fakeroot for a build as the normal user",
+    )
+
+
+def _add_debugging(p: argparse.ArgumentParser) -> None:
+    """Options: a shell in the testbed, to look at what a test left."""
+    g = p.add_argument_group("debugging")
+    g.add_argument(
+        "-s",
+        "--shell-fail",
+        action="store_true",
+        help="run an interactive shell in the testbed after a failed build, dependency "
+        "installation or test (needs a terminal on stdin; without one: a note, no shell)",
+    )
+    g.add_argument(
+        "--shell",
+        action="store_true",
+        help="run an interactive shell in the testbed after every test",
+    )
 
 
 def _add_setup(p: argparse.ArgumentParser) -> None:
@@ -331,6 +375,8 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
         apt_pockets=tuple(ns.apt_pocket),
         pin_packages=tuple(ns.pin_packages),
     )
+    if ns.override_control is not None and not os.access(ns.override_control, os.R_OK):
+        raise errors.UsageError(f"--override-control: cannot read {ns.override_control}")
     if ns.output_dir and os.path.isdir(ns.output_dir) and os.listdir(ns.output_dir):
         raise errors.UsageError(f'--output-dir "{ns.output_dir}" is not empty')
     timeouts = Timeouts(
@@ -363,6 +409,12 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
         junit_file=ns.junit_file,
         build_parallel=ns.build_parallel,
         setup=setup,
+        needs_internet=ns.needs_internet,
+        override_control=ns.override_control,
+        validate=ns.validate,
+        gain_root=ns.gain_root,
+        shell_fail=ns.shell_fail,
+        shell=ns.shell,
     )
 
 

@@ -29,10 +29,16 @@ class TestPlan:
 
     @classmethod
     def read(
-        cls, tree: str, arch: str, caps: frozenset[str], ignore_restrictions: frozenset[str]
+        cls,
+        tree: str,
+        arch: str,
+        caps: frozenset[str],
+        ignore_restrictions: frozenset[str],
+        control: str | None = None,
     ) -> TestPlan:
-        """Parse `tree`'s control file (none: no tests); an invalid one is InvalidControl."""
-        control = os.path.join(tree, "debian", "tests", "control")
+        """Parse `tree`'s control file, or `control` instead (--override-control; test paths
+        are still the tree's); none: no tests. An invalid one is InvalidControl."""
+        control = control or os.path.join(tree, "debian", "tests", "control")
         if not os.path.exists(control):
             return cls(())
         entries = []

@@ -58,6 +58,7 @@ class Runner:
         self.blamed: list[str] = []
         # trees made in the testbed and built .debs are copied back here
         self.workdir = tempfile.mkdtemp(prefix="nestbed.work.")
+        self._override_control = options.override_control
 
     def run(self) -> int:
         info = self.console.info
@@ -130,6 +131,7 @@ class Runner:
         console, outputs, status = self.console, self.outputs, self.outputs.status
         console.info(f"@@@@@@@@@@@@@@@@@@@@ {package.kind} {package.path}")
         self.blamed.append(package.path)
+        life.check_user()
         life.reset(())
         life.binaries.publish(life.testbed, life.copy_timeout)  # the .debs given before it
         tree = self._prepare(life, package)
@@ -144,14 +146,23 @@ class Runner:
                 plan = TestPlan.read(
                     tree.host,
                     life.facts.arch,
-                    life.testbed.caps,
+                    life.caps,
                     self.options.ignore_restrictions,
+                    control=self._override_control,
                 )
             return plan
 
         if package.kind != "built-tree":  # a built tree is tested as it is
             self._build_if_needed(life, package, tree, read_plan)
+        if self.options.validate:
+            # autopkgtest: the control file parsed (an invalid one is badpkg), its skips
+            # reported (not counted), nothing run
+            for name, reason in read_plan().skips(self.options.only_tests):
+                outputs.report(name, f"SKIP {reason}")
+            outputs.report("*", "Test specification is valid")
+            return
         tests = self._select_tests(package, tree, read_plan())
+        self._override_control = None  # --override-control is the first package's
         if not tests:
             if status.code == errors.EXIT_OK:
                 outputs.report("*", "SKIP no tests in this package")
@@ -191,18 +202,24 @@ class Runner:
                 return
             self.console.info("build needed for tests")
         life.modified = True
-        built = build.build(
-            life.testbed,
-            tree.host,
-            tree.testbed,
-            life.facts.arch,
-            life.user,
-            self.console,
-            parallel=self.options.build_parallel or life.facts.nproc or "1",
-            extra_env=self.options.env,
-            install_timeout=self.options.timeouts.install,
-            build_timeout=self.options.timeouts.build,
-        )
+        try:
+            built = build.build(
+                life.testbed,
+                tree.host,
+                tree.testbed,
+                life.facts.arch,
+                life.user,
+                self.console,
+                parallel=self.options.build_parallel or life.facts.nproc or "1",
+                extra_env=self.options.env,
+                install_timeout=self.options.timeouts.install,
+                build_timeout=self.options.timeouts.build,
+                gain_root=self.options.gain_root,
+            )
+        except errors.BadPackage:
+            if self.options.shell_fail:  # autopkgtest: after a failed build too
+                life.shell(tree.testbed)
+            raise
         if package.built_binaries:
             debs = os.path.join(self.workdir, "debs")
             os.makedirs(debs, exist_ok=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shlex
 from collections.abc import Sequence
+from dataclasses import replace
 
 from nestbed import errors
 from nestbed.capabilities import Cap
@@ -71,6 +72,8 @@ class TestCaseRunner:
                     )
                 )
             else:
+                if self.options.shell_fail:
+                    life.shell("/")
                 self.outputs.record(
                     TestResult(test.name, Verdict.BADPKG, str(e), package=tree.name)
                 )
@@ -117,15 +120,45 @@ class TestCaseRunner:
             if not note.startswith("timed-out"):
                 self.console.info(f"test {name}: {note}")
         self.console.info(f"test {name}:  - - - - - - - - - - results - - - - - - - - - -")
-        self.outputs.record(executor.decide(test, run, tree.name))
+        result = self._needs_internet_try(test, run, executor.decide(test, run, tree.name))
+        self.outputs.record(result)
         if run.stderr and not test.has("allow-stderr") and not run.timed_out:
             self.console.info(f"test {name}:  - - - - - - - - - - stderr - - - - - - - - - -")
             for chunk in run.stderr.chunks():
                 self.console.write_stderr(chunk)
+        failed = result.verdict in (Verdict.FAIL, Verdict.FLAKY)
+        if self.options.shell or (self.options.shell_fail and failed):
+            life.shell(
+                tree.testbed,
+                (
+                    f"AUTOPKGTEST_ARTIFACTS={env.artifacts_dir(test)}",
+                    f"AUTOPKGTEST_TMP={env.tmp_dir}",
+                ),
+            )
         try:
             self._save_outputs(test, env, run, baseline)
         finally:
             run.close()
+
+    def _needs_internet_try(
+        self, test: TestSpec, run: executor.TestRun, result: TestResult
+    ) -> TestResult:
+        """--needs-internet=try: a needs-internet test that exits non-zero is SKIP, as the
+        network is not guaranteed (autopkgtest: a timeout or stderr still fails it)."""
+        failed = result.verdict in (Verdict.FAIL, Verdict.FLAKY)
+        if (
+            self.options.needs_internet == "try"
+            and test.has("needs-internet")
+            and failed
+            and not run.timed_out
+            and run.returncode != 0
+        ):
+            return replace(
+                result,
+                verdict=Verdict.SKIP,
+                reason="Failed, but test has needs-internet and that's not guaranteed",
+            )
+        return result
 
     def _save_outputs(
         self,

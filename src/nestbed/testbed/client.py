@@ -611,6 +611,47 @@ class Testbed:
                 f"cannot run the testbed's exec prefix {self.exec_prefix[0]}: {e.strerror}"
             ) from None
 
+    def shell(self, cwd: str, env: Sequence[str] = ()) -> str | None:
+        """An interactive shell in the testbed on the user's terminal, in `cwd` with the
+        VAR=value `env`; returns when the user leaves it. None, or why there was no shell.
+
+        Run here, not by the server's `shell` command: the server has a session of its own,
+        without our terminal. The shell gets our process group, so the terminal's job control
+        (Ctrl-C, Ctrl-Z) is the shell's while it runs.
+        """
+        self._require_open("run a shell")
+        if not sys.stdin.isatty():
+            return "stdin is not a terminal"
+        script = f"cd {shlex.quote(cwd)} || exit; "
+        for assignment in env:
+            script += f"export {shlex.quote(assignment)}; "
+        if "TERM" in os.environ:
+            script += f"export TERM={shlex.quote(os.environ['TERM'])}; "
+        script += "exec bash -i"
+        try:
+            with open("/dev/tty", "rb") as tty_in, open("/dev/tty", "wb") as tty_out:
+                proc = spawn(
+                    [*self.exec_prefix, "sh", "-c", script],
+                    stdin=tty_in,
+                    stdout=tty_out,
+                    stderr=tty_out,
+                    env=self._exec_env(),
+                    new_session=False,
+                    with_parent=False,
+                )
+                try:
+                    proc.wait()
+                except BaseException:
+                    # not proc.stop: the shell shares our process group, which must live
+                    with contextlib.suppress(OSError):
+                        proc.kill()
+                    with contextlib.suppress(TimeoutExpired):
+                        proc.wait(5)
+                    raise
+        except (OSError, CommandFailed) as e:
+            return f"cannot run a shell: {e}"
+        return None
+
     def copydown(self, host: str, tb: str, timeout: float | None = None) -> None:
         """Copy a host file or tree to the testbed; a tree has '/' at the end of both paths."""
         self._copy("copydown", host, tb, timeout)
