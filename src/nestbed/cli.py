@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import NoReturn
@@ -179,13 +181,18 @@ def _add_logging(p: argparse.ArgumentParser) -> None:
         help="write result lines to FILE",
     )
     g.add_argument(
-        "--json", dest="json_file", metavar="FILE", help="write one JSON record per test"
+        "--json",
+        dest="json_file",
+        metavar="FILE",
+        help="write one JSON record per test, the exit code and the error that ended the run "
+        "(also on exit 12, 16 and 20)",
     )
     g.add_argument(
         "--junit",
         dest="junit_file",
         metavar="FILE",
-        help="write JUnit XML (GitLab, Jenkins; each test's output cut to its first MiB)",
+        help="write JUnit XML (GitLab, Jenkins; each test's output cut to its first MiB; the "
+        "error that ended the run is an error case)",
     )
     g.add_argument(
         "-q",
@@ -340,6 +347,67 @@ def _split_virt(argv: list[str]) -> tuple[list[str], list[str] | None]:
     return argv, None
 
 
+def _check_output_paths(ns: argparse.Namespace) -> None:
+    """Where results go must be writable before any testbed starts: an error names the
+    option. The files are created (empty) here, as autopkgtest empties -l and --summary-file
+    before it starts; -o is created as autopkgtest does."""
+    if ns.output_dir:
+        try:
+            os.makedirs(ns.output_dir, exist_ok=True)
+        except OSError as e:
+            raise errors.UsageError(f"-o/--output-dir {ns.output_dir}: {e.strerror}") from None
+        if not os.access(ns.output_dir, os.W_OK | os.X_OK):
+            raise errors.UsageError(f"-o/--output-dir {ns.output_dir}: not writable")
+    for option, path in (
+        ("-l/--log-file", ns.logfile),
+        ("--summary-file", ns.summary),
+        ("--json", ns.json_file),
+        ("--junit", ns.junit_file),
+    ):
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            raise errors.UsageError(f"{option} {path}: is a directory")
+        try:
+            with open(path, "ab"):
+                pass
+        except OSError as e:
+            raise errors.UsageError(f"{option} {path}: {e.strerror}") from None
+
+
+def machine_result_paths(argv: Sequence[str]) -> tuple[str | None, str | None]:
+    """--json and --junit from a command line that may not parse: where a usage error is
+    written too (the options before a "--", after @argfiles where they can be read)."""
+    try:
+        args = expand_argfiles(argv)
+    except errors.UsageError:
+        args = list(argv)
+    ours, _ = _split_virt(args)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--json", dest="json_file")
+    p.add_argument("--junit", dest="junit_file")
+    try:
+        ns, _ = p.parse_known_args(ours)
+    except SystemExit:  # e.g. --json without its value
+        return None, None
+    return ns.json_file, ns.junit_file
+
+
+def _write_error_results(argv: Sequence[str], error: errors.NestbedError) -> None:
+    """A run that ends before it starts still leaves its --json/--junit: no tests, the error."""
+    json_file, junit_file = machine_result_paths(argv)
+    if not json_file and not junit_file:
+        return
+    from nestbed.report.results import ExitStatus
+    from nestbed.run.outputs import write_machine_results
+
+    status = ExitStatus()
+    status.fail(error)
+    # a path that cannot be written is (most likely) the usage error just reported
+    with contextlib.suppress(OSError):
+        write_machine_results(json_file, junit_file, status, time.time())
+
+
 def parse_args(argv: Sequence[str]) -> RunOptions:
     parser = _build_parser()
     # expand @argfiles first, so a "--" inside one splits like on the command line
@@ -379,6 +447,7 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
         raise errors.UsageError(f"--override-control: cannot read {ns.override_control}")
     if ns.output_dir and os.path.isdir(ns.output_dir) and os.listdir(ns.output_dir):
         raise errors.UsageError(f'--output-dir "{ns.output_dir}" is not empty')
+    _check_output_paths(ns)
     timeouts = Timeouts(
         **{
             kind: (
@@ -428,6 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = parse_args(args)
     except errors.NestbedError as e:
         _log.error(str(e), extra=_PLAIN)
+        _write_error_results(args, e)
         return errors.exit_code(e)
     from nestbed.run.prescan import declared_restrictions
 
@@ -441,6 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             options = replace(options, virt_argv=("qemu", image), virt_server=server)
         except errors.NestbedError as e:
             _log.error(str(e), extra=_PLAIN)
+            _write_error_results(args, e)
             return errors.exit_code(e)
     from nestbed.run.runner import run
 

@@ -8,6 +8,7 @@ The pieces, each crossed once on a test's way from the command line to its resul
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -23,11 +24,11 @@ from collections.abc import Callable, Mapping
 from nestbed import errors
 from nestbed.capabilities import WANT_BASEIMAGE
 from nestbed.log import DEBUG, PLAIN, Console
-from nestbed.report.results import TestResult, Verdict
+from nestbed.report.results import ExitStatus, TestResult, Verdict
 from nestbed.run import build
 from nestbed.run.lifecycle import TestbedLifecycle
 from nestbed.run.options import PackageArg, RunOptions
-from nestbed.run.outputs import RunOutputs, TestbedFacts
+from nestbed.run.outputs import RunOutputs, TestbedFacts, write_machine_results
 from nestbed.run.plan import TestPlan
 from nestbed.run.testcase import TestCaseRunner
 from nestbed.run.tree import Limits, SourceTree, prepare
@@ -252,6 +253,10 @@ def run(options: RunOptions, declared_restrictions: frozenset[str] = frozenset()
         runner = Runner(options, console, server_hints(declared_restrictions))
     except OSError as e:
         logging.getLogger(__name__).error(str(e), extra={"style": PLAIN})
+        status = ExitStatus()
+        status.fail(e)
+        with contextlib.suppress(OSError):  # the same paths just failed, most likely
+            write_machine_results(options.json_file, options.junit_file, status, time.time())
         return errors.exit_code(e)
     try:
         with ShutdownOnSignals((signal.SIGINT, signal.SIGTERM)):
