@@ -409,4 +409,19 @@ CASES = (
             ),
         ),
     ),
+    Case(
+        # --gain-root: dpkg-buildpackage -rCOMMAND; the build's binary target records it
+        "gain-root",
+        "gain-root",
+        ("-B", "--gain-root=fakeroot"),
+        0,
+        ("under-fakeroot       PASS",),
+    ),
+    Case(
+        "gain-root-not-given",
+        "gain-root",
+        ("-B",),
+        4,
+        ("under-fakeroot       FAIL non-zero exit status 1",),
+    ),
 )
