@@ -312,6 +312,28 @@ def _add_setup(p: argparse.ArgumentParser) -> None:
         help="take these packages from RELEASE (apt pinning, priority 995)",
     )
     g.add_argument(
+        "--add-apt-release",
+        action="append",
+        default=[],
+        metavar="RELEASE",
+        help="add deb and deb-src lines for RELEASE, from the mirror and components of the "
+        "testbed's first apt source",
+    )
+    g.add_argument(
+        "--apt-default-release",
+        metavar="SUITE_OR_CODENAME",
+        help="apt's default release (pinned at 990), for --apt-pocket and --pin-packages; "
+        "default: the first release in the testbed's apt sources",
+    )
+    g.add_argument(
+        "--no-apt-fallback",
+        dest="apt_fallback",
+        action="store_false",
+        default=True,
+        help="when pinned packages (--apt-pocket, --pin-packages) make a test's dependencies "
+        "unsatisfiable, do not retry without the pinning",
+    )
+    g.add_argument(
         "--copy",
         action="append",
         default=[],
@@ -442,6 +464,8 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
         add_apt_sources=tuple(ns.add_apt_source),
         apt_pockets=tuple(ns.apt_pocket),
         pin_packages=tuple(ns.pin_packages),
+        add_apt_releases=tuple(ns.add_apt_release),
+        apt_default_release=ns.apt_default_release,
     )
     if ns.override_control is not None and not os.access(ns.override_control, os.R_OK):
         raise errors.UsageError(f"--override-control: cannot read {ns.override_control}")
@@ -484,6 +508,7 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
         gain_root=ns.gain_root,
         shell_fail=ns.shell_fail,
         shell=ns.shell,
+        apt_fallback=ns.apt_fallback,
     )
 
 

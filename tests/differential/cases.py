@@ -424,4 +424,18 @@ CASES = (
         4,
         ("under-fakeroot       FAIL non-zero exit status 1",),
     ),
+    Case(
+        # --no-apt-fallback: autopkgtest blames the pinning in its reason
+        "unsatisfiable-no-apt-fallback",
+        "unsatisfiable",
+        ("-B", "--no-apt-fallback"),
+        12,
+        (
+            "wants-missing-package FAIL badpkg",
+            "blame: {fixtures}/unsatisfiable",
+            "badpkg: Test dependencies are unsatisfiable. A common reason is that the requested"
+            " apt pinning prevented dependencies from the non-default suite to be installed."
+            " In that case you need to add those dependencies to the pinning list.",
+        ),
+    ),
 )

@@ -61,3 +61,4 @@ class RunOptions:
     gain_root: str | None = None  # dpkg-buildpackage -r
     shell_fail: bool = False  # -s: a shell after a failed build, install or test
     shell: bool = False  # a shell after every test
+    apt_fallback: bool = True  # --no-apt-fallback: keep the pinning when deps fail

@@ -19,6 +19,13 @@ from nestbed.run.outputs import RunOutputs
 from nestbed.run.tree import SourceTree
 from nestbed.spec.model import TestSpec
 
+# --no-apt-fallback: autopkgtest's reason when the dependencies cannot be installed
+NO_FALLBACK = (
+    "Test dependencies are unsatisfiable. A common reason is that the requested apt pinning "
+    "prevented dependencies from the non-default suite to be installed. In that case you need "
+    "to add those dependencies to the pinning list."
+)
+
 # where the QEMU testbed's images put the exported base image (a symlink to /dev/baseimage)
 BASEIMAGE_PATH = "/lib/autopkgtest/baseimage"
 
@@ -58,7 +65,7 @@ class TestCaseRunner:
         """Run `test` in `tree` on a testbed `TestbedLifecycle.reset` made ready for it."""
         life = self.lifecycle
         try:
-            deps.install(life.testbed, test.depends, self.console, self.options.timeouts.install)
+            self._install(test)
             life.deps_installed = test.depends
         except deps.NotInstallable as e:
             life.deps_installed = test.depends
@@ -86,6 +93,32 @@ class TestCaseRunner:
         self._execute(tree, test)
         if test.has("breaks-testbed"):
             life.modified = True
+
+    def _install(self, test: TestSpec) -> None:
+        """The test's dependencies. Where --apt-pocket/--pin-packages pinned packages and
+        that makes them unsatisfiable, once more without the pinning (autopkgtest's apt
+        fallback), unless --no-apt-fallback."""
+        life = self.lifecycle
+        timeout = self.options.timeouts.install
+        setup = self.options.setup
+        pinned = bool(setup.pin_packages or any("=" in p for p in setup.apt_pockets))
+        try:
+            deps.install(life.testbed, test.depends, self.console, timeout)
+            return
+        except deps.NotInstallable:
+            if not self.options.apt_fallback:
+                raise deps.NotInstallable(NO_FALLBACK) from None
+            if not pinned:
+                raise
+        self.console.warning(
+            "Test dependencies are unsatisfiable with using apt pinning. "
+            "Retrying with using all packages from the pinned releases"
+        )
+        life.modified = True  # the pinning is gone until the next revert
+        life.check_exec(
+            ["sh", "-c", "rm -f /etc/apt/preferences.d/nestbed-*"], "removing the apt pinning"
+        )
+        deps.install(life.testbed, test.depends, self.console, timeout)
 
     def _execute(self, tree: SourceTree, test: TestSpec) -> None:
         life = self.lifecycle
