@@ -67,8 +67,7 @@ def test_unknown_name_is_a_usage_error() -> None:
     ]
 
 
-@pytest.fixture
-def chroot_dir(tmp_path: Path) -> Iterator[Path]:
+def _unpack_root(into: Path) -> Path:
     """A Debian root tree for autopkgtest-virt-chroot: the unshare testbed's tarball, unpacked."""
     if shutil.which("autopkgtest-virt-chroot") is None or shutil.which("autopkgtest") is None:
         pytest.skip("needs autopkgtest (scripts/setup installs it)")
@@ -78,9 +77,14 @@ def chroot_dir(tmp_path: Path) -> Iterator[Path]:
     from nestbed.image.progress import PlainProgress
 
     tarball = ensure_tarball(host_release(), host_arch(), None, progress=PlainProgress())
-    root = tmp_path / "chroot"
-    root.mkdir()
-    subprocess.run(["tar", "-C", str(root), "-xf", str(tarball)], check=True)
+    into.mkdir()
+    subprocess.run(["tar", "-C", str(into), "-xf", str(tarball)], check=True)
+    return into
+
+
+@pytest.fixture
+def chroot_dir(tmp_path: Path) -> Iterator[Path]:
+    root = _unpack_root(tmp_path / "chroot")
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
@@ -100,3 +104,40 @@ def test_chroot_by_name_matches_autopkgtest(chroot_dir: Path, tmp_path: Path) ->
         0,
         ["smoke                PASS", "named-command        PASS", "command1             PASS"],
     )
+
+
+@pytest.mark.network
+def test_apt_release_options_match_autopkgtest(tmp_path: Path) -> None:
+    """--add-apt-release and --apt-default-release in a chroot (never on this host): each
+    program in a fresh root, the same result lines and exit code."""
+    from tests_support import write_package
+
+    release = subprocess.run(
+        ["sh", "-c", ". /etc/os-release; echo $VERSION_CODENAME"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    tree = write_package(
+        tmp_path / "tree",
+        {},
+        f"Test-Command: ls /etc/apt/sources.list.d | grep -q add-apt-release-{release}-backports"
+        f" && apt-cache policy | grep -q ' {release}-backports/'\n"
+        "Features: test-name=added-release\nDepends:\n\n"
+        f"Test-Command: grep -rqx 'Pin: release {release}' /etc/apt/preferences.d\n"
+        "Features: test-name=default-release\nDepends:\n",
+    )
+    (tree / "debian" / "files").write_text("")  # a built tree: nothing to build or install
+    runs = {}
+    for i, program in enumerate((["autopkgtest"], nestbed_argv())):
+        root = _unpack_root(tmp_path / f"root{i}")
+        try:
+            p = _run(
+                [*program, f"--add-apt-release={release}-backports",
+                 f"--apt-default-release={release}", str(tree), "--", "chroot", str(root)]
+            )  # fmt: skip
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        runs[Path(program[0]).name] = (p.returncode, _results(p.stdout))
+    assert runs["nestbed"] == runs["autopkgtest"]
+    assert runs["nestbed"] == (
+        0, ["added-release        PASS", "default-release      PASS"]
+    )  # fmt: skip
