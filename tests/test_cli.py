@@ -38,6 +38,11 @@ def test_help_teaches_and_exits_0() -> None:
         (["--env", "NOEQUALS", str(EXAMPLE), "--", "null"], "--env must be VAR=value"),
         (["@/nonexistent/args"], "cannot read argument file /nonexistent/args"),
         ([str(EXAMPLE), str(EXAMPLE), "--", "null"], "only one source package"),
+        (
+            ["--override-control", "/nonexistent/ctl", str(EXAMPLE), "--", "null"],
+            "--override-control: cannot read /nonexistent/ctl",
+        ),
+        (["--needs-internet=maybe", str(EXAMPLE), "--", "null"], "--needs-internet"),
     ],
 )
 def test_bad_usage_is_one_line_and_exit_20(args: list[str], message: str) -> None:

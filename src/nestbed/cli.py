@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import NoReturn
@@ -41,7 +43,9 @@ VMs of its own from (docs/nested.md).
   null        the host itself (nestbed-virt-null). As root, test dependencies are
               INSTALLED ON THIS MACHINE with apt, and tests can change it: use null only
               on a machine you can throw away.
-  NAME        any nestbed-virt-NAME on PATH
+  NAME        nestbed-virt-NAME, else autopkgtest's autopkgtest-virt-NAME (beside nestbed,
+              then on PATH): -- schroot CHROOT, -- chroot DIR, -- lxc CONTAINER, -- ssh ...
+  autopkgtest-virt-NAME, nestbed-virt-NAME   that program (from PATH)
   /PATH       any virt server program, e.g. /usr/bin/autopkgtest-virt-null
 
 Examples:
@@ -109,6 +113,7 @@ def _build_parser() -> _UsageErrorParser:
     _add_environment(p)
     _add_setup(p)
     _add_timeouts(p)
+    _add_debugging(p)
     p.add_argument("-h", "--help", action="help", help="show this help and exit")
     return p
 
@@ -149,6 +154,26 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
         help="do not generate tests with autodep8 (run by default for a package with no"
         " debian/tests/control or with Testsuite: autopkgtest-pkg-*)",
     )
+    g.add_argument(
+        "--override-control",
+        metavar="PATH",
+        help="read the (first) package's tests from control file PATH instead of its "
+        "debian/tests/control",
+    )
+    g.add_argument(
+        "-V",
+        "--validate",
+        action="store_true",
+        help="check the test control file and exit: '*  Test specification is valid' "
+        "(exit 0), or erroneous package (exit 12); no test runs",
+    )
+    g.add_argument(
+        "--needs-internet",
+        choices=("run", "try", "skip"),
+        default="run",
+        help="tests with the needs-internet restriction: run them (default), try them (a "
+        "non-zero exit is SKIP, not FAIL) or skip them",
+    )
 
 
 def _add_logging(p: argparse.ArgumentParser) -> None:
@@ -164,13 +189,18 @@ def _add_logging(p: argparse.ArgumentParser) -> None:
         help="write result lines to FILE",
     )
     g.add_argument(
-        "--json", dest="json_file", metavar="FILE", help="write one JSON record per test"
+        "--json",
+        dest="json_file",
+        metavar="FILE",
+        help="write one JSON record per test, the exit code and the error that ended the run "
+        "(also on exit 12, 16 and 20)",
     )
     g.add_argument(
         "--junit",
         dest="junit_file",
         metavar="FILE",
-        help="write JUnit XML (GitLab, Jenkins; each test's output cut to its first MiB)",
+        help="write JUnit XML (GitLab, Jenkins; each test's output cut to its first MiB; the "
+        "error that ended the run is an error case)",
     )
     g.add_argument(
         "-q",
@@ -216,6 +246,29 @@ def _add_environment(p: argparse.ArgumentParser) -> None:
         help="run tests without needs-root as USER (default: the testbed's suggested user)",
     )
     g.add_argument("--build-parallel", metavar="N", help="DEB_BUILD_OPTIONS parallel=N")
+    g.add_argument(
+        "--gain-root",
+        metavar="COMMAND",
+        help="build with dpkg-buildpackage -rCOMMAND (e.g. fakeroot, sudo) instead of "
+        "installing fakeroot for a build as the normal user",
+    )
+
+
+def _add_debugging(p: argparse.ArgumentParser) -> None:
+    """Options: a shell in the testbed, to look at what a test left."""
+    g = p.add_argument_group("debugging")
+    g.add_argument(
+        "-s",
+        "--shell-fail",
+        action="store_true",
+        help="run an interactive shell in the testbed after a failed build, dependency "
+        "installation or test (needs a terminal on stdin; without one: a note, no shell)",
+    )
+    g.add_argument(
+        "--shell",
+        action="store_true",
+        help="run an interactive shell in the testbed after every test",
+    )
 
 
 def _add_setup(p: argparse.ArgumentParser) -> None:
@@ -269,6 +322,28 @@ def _add_setup(p: argparse.ArgumentParser) -> None:
         help="take these packages from RELEASE (apt pinning, priority 995)",
     )
     g.add_argument(
+        "--add-apt-release",
+        action="append",
+        default=[],
+        metavar="RELEASE",
+        help="add deb and deb-src lines for RELEASE, from the mirror and components of the "
+        "testbed's first apt source",
+    )
+    g.add_argument(
+        "--apt-default-release",
+        metavar="SUITE_OR_CODENAME",
+        help="apt's default release (pinned at 990), for --apt-pocket and --pin-packages; "
+        "default: the first release in the testbed's apt sources",
+    )
+    g.add_argument(
+        "--no-apt-fallback",
+        dest="apt_fallback",
+        action="store_false",
+        default=True,
+        help="when pinned packages (--apt-pocket, --pin-packages) make a test's dependencies "
+        "unsatisfiable, do not retry without the pinning",
+    )
+    g.add_argument(
         "--copy",
         action="append",
         default=[],
@@ -302,6 +377,67 @@ def _split_virt(argv: list[str]) -> tuple[list[str], list[str] | None]:
         i = argv.index("--")
         return argv[:i], argv[i + 1 :]
     return argv, None
+
+
+def _check_output_paths(ns: argparse.Namespace) -> None:
+    """Where results go must be writable before any testbed starts: an error names the
+    option. The files are created (empty) here, as autopkgtest empties -l and --summary-file
+    before it starts; -o is created as autopkgtest does."""
+    if ns.output_dir:
+        try:
+            os.makedirs(ns.output_dir, exist_ok=True)
+        except OSError as e:
+            raise errors.UsageError(f"-o/--output-dir {ns.output_dir}: {e.strerror}") from None
+        if not os.access(ns.output_dir, os.W_OK | os.X_OK):
+            raise errors.UsageError(f"-o/--output-dir {ns.output_dir}: not writable")
+    for option, path in (
+        ("-l/--log-file", ns.logfile),
+        ("--summary-file", ns.summary),
+        ("--json", ns.json_file),
+        ("--junit", ns.junit_file),
+    ):
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            raise errors.UsageError(f"{option} {path}: is a directory")
+        try:
+            with open(path, "ab"):
+                pass
+        except OSError as e:
+            raise errors.UsageError(f"{option} {path}: {e.strerror}") from None
+
+
+def machine_result_paths(argv: Sequence[str]) -> tuple[str | None, str | None]:
+    """--json and --junit from a command line that may not parse: where a usage error is
+    written too (the options before a "--", after @argfiles where they can be read)."""
+    try:
+        args = expand_argfiles(argv)
+    except errors.UsageError:
+        args = list(argv)
+    ours, _ = _split_virt(args)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--json", dest="json_file")
+    p.add_argument("--junit", dest="junit_file")
+    try:
+        ns, _ = p.parse_known_args(ours)
+    except SystemExit:  # e.g. --json without its value
+        return None, None
+    return ns.json_file, ns.junit_file
+
+
+def _write_error_results(argv: Sequence[str], error: errors.NestbedError) -> None:
+    """A run that ends before it starts still leaves its --json/--junit: no tests, the error."""
+    json_file, junit_file = machine_result_paths(argv)
+    if not json_file and not junit_file:
+        return
+    from nestbed.report.results import ExitStatus
+    from nestbed.run.outputs import write_machine_results
+
+    status = ExitStatus()
+    status.fail(error)
+    # a path that cannot be written is (most likely) the usage error just reported
+    with contextlib.suppress(OSError):
+        write_machine_results(json_file, junit_file, status, time.time())
 
 
 def parse_args(argv: Sequence[str]) -> RunOptions:
@@ -338,9 +474,14 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
         add_apt_sources=tuple(ns.add_apt_source),
         apt_pockets=tuple(ns.apt_pocket),
         pin_packages=tuple(ns.pin_packages),
+        add_apt_releases=tuple(ns.add_apt_release),
+        apt_default_release=ns.apt_default_release,
     )
+    if ns.override_control is not None and not os.access(ns.override_control, os.R_OK):
+        raise errors.UsageError(f"--override-control: cannot read {ns.override_control}")
     if ns.output_dir and os.path.isdir(ns.output_dir) and os.listdir(ns.output_dir):
         raise errors.UsageError(f'--output-dir "{ns.output_dir}" is not empty')
+    _check_output_paths(ns)
     timeouts = Timeouts(
         **{
             kind: (
@@ -372,6 +513,13 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
         build_parallel=ns.build_parallel,
         setup=setup,
         auto_control=ns.auto_control,
+        needs_internet=ns.needs_internet,
+        override_control=ns.override_control,
+        validate=ns.validate,
+        gain_root=ns.gain_root,
+        shell_fail=ns.shell_fail,
+        shell=ns.shell,
+        apt_fallback=ns.apt_fallback,
     )
 
 
@@ -385,6 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = parse_args(args)
     except errors.NestbedError as e:
         _log.error(str(e), extra=_PLAIN)
+        _write_error_results(args, e)
         return errors.exit_code(e)
     from nestbed.run.prescan import declared_restrictions
 
@@ -398,6 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             options = replace(options, virt_argv=("qemu", image), virt_server=server)
         except errors.NestbedError as e:
             _log.error(str(e), extra=_PLAIN)
+            _write_error_results(args, e)
             return errors.exit_code(e)
     from nestbed.run.runner import run
 

@@ -11,8 +11,11 @@ holds nestbed to whatever autopkgtest does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
+
+OVERRIDE_CONTROL = Path(__file__).resolve().parents[1] / "fixtures" / "override" / "control"
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,12 @@ _ARCH_PARSE_SKIPS = (
     "arch-all             SKIP Arch 'all' not allowed in Architecture field",
     "command1             SKIP Test lists explicitly supported architectures, but the"
     " current architecture {arch} isn't listed.",
+)
+
+_NEEDS_INTERNET_SKIPS = tuple(
+    f'{name:<20} SKIP Test restriction "needs-internet" requires testbed capability'
+    ' "has_internet"'
+    for name in ("online-pass", "online-fail", "online-stderr")
 )
 
 _STANDARD_FILES = ("log", "testbed-packages", "testinfo.json", "testpkg-version")
@@ -347,5 +356,124 @@ CASES = (
         ("-B",),
         0,
         ("first                PASS", "second               PASS"),
+    ),
+    # --needs-internet: autopkgtest offers has_internet unless "skip"; with "try" a
+    # non-zero exit is SKIP (a stderr failure is not)
+    Case(
+        "needs-internet-run",
+        "needs-internet",
+        ("-B",),
+        4,
+        (
+            "online-pass          PASS",
+            "online-fail          FAIL non-zero exit status 3",
+            "online-stderr        FAIL stderr: online-stderr",
+            "offline              PASS",
+        ),
+    ),
+    Case(
+        "needs-internet-try",
+        "needs-internet",
+        ("-B", "--needs-internet=try"),
+        6,
+        (
+            "online-pass          PASS",
+            "online-fail          SKIP Failed, but test has needs-internet and that's not"
+            " guaranteed",
+            "online-stderr        FAIL stderr: online-stderr",
+            "offline              PASS",
+        ),
+    ),
+    Case(
+        "needs-internet-skip",
+        "needs-internet",
+        ("-B", "--needs-internet=skip"),
+        2,
+        (
+            *_NEEDS_INTERNET_SKIPS,
+            *_NEEDS_INTERNET_SKIPS,
+            "offline              PASS",
+        ),
+    ),
+    Case(
+        # -V: the control file is read (its skips reported once), nothing runs, exit 0
+        "validate",
+        "mixed",
+        ("-B", "-V"),
+        0,
+        (
+            *_MIXED_PARSE_SKIPS,
+            *_MIXED_PARSE_SKIPS,
+            "*                    Test specification is valid",
+        ),
+    ),
+    Case(
+        "validate-invalid-control",
+        "invalid-control",
+        ("-B", "--validate"),
+        12,
+        (
+            "blame: {fixtures}/invalid-control",
+            'badpkg: InvalidControl test *: missing "Tests" or "Test-Command" field',
+        ),
+        nestbed_rewrites=(
+            (r"\S*/debian/tests/control:4: missing", "InvalidControl test *: missing"),
+        ),
+        autopkgtest_leftovers=("pkg",),
+    ),
+    Case(
+        "override-control",
+        "pass-basic",
+        ("-B", f"--override-control={OVERRIDE_CONTROL}"),
+        0,
+        ("command1             PASS",),
+        (*_STANDARD_FILES, "command1-stdout"),
+    ),
+    Case(
+        # autopkgtest extracts the tree as USER, which fails: an erroneous package
+        "user-does-not-exist",
+        "pass-basic",
+        ("-B", "--user=nestbed-no-such-user"),
+        12,
+        (
+            "blame: {fixtures}/pass-basic",
+            "badpkg: rules extract failed with exit code 1",
+        ),
+        # nestbed says why (docs/autopkgtest.md)
+        nestbed_rewrites=(
+            (
+                r"-u/--user nestbed-no-such-user: no such user in the testbed",
+                "rules extract failed with exit code 1",
+            ),
+        ),
+    ),
+    Case(
+        # --gain-root: dpkg-buildpackage -rCOMMAND; the build's binary target records it
+        "gain-root",
+        "gain-root",
+        ("-B", "--gain-root=fakeroot"),
+        0,
+        ("under-fakeroot       PASS",),
+    ),
+    Case(
+        "gain-root-not-given",
+        "gain-root",
+        ("-B",),
+        4,
+        ("under-fakeroot       FAIL non-zero exit status 1",),
+    ),
+    Case(
+        # --no-apt-fallback: autopkgtest blames the pinning in its reason
+        "unsatisfiable-no-apt-fallback",
+        "unsatisfiable",
+        ("-B", "--no-apt-fallback"),
+        12,
+        (
+            "wants-missing-package FAIL badpkg",
+            "blame: {fixtures}/unsatisfiable",
+            "badpkg: Test dependencies are unsatisfiable. A common reason is that the requested"
+            " apt pinning prevented dependencies from the non-default suite to be installed."
+            " In that case you need to add those dependencies to the pinning list.",
+        ),
     ),
 )

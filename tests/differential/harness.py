@@ -48,7 +48,10 @@ DPKG_LOCKED = re.compile(rb"dpkg frontend lock was locked by another process|Cou
 DPKG_LOCK_ATTEMPTS = 4
 DPKG_LOCK_PAUSE = 15.0
 
-RESULT_LINE = re.compile(r"^(?:\S+ +(?:PASS|FAIL|SKIP|FLAKY|BROKEN)(?: .*)?|blame: .*|badpkg: .*)$")
+RESULT_LINE = re.compile(
+    r"^(?:\S+ +(?:PASS|FAIL|SKIP|FLAKY|BROKEN)(?: .*)?|blame: .*|badpkg: .*"
+    r"|\* +Test specification is valid)$"  # -V
+)
 LOG_PREFIX = re.compile(r"(?:autopkgtest|nestbed) \[\d\d:\d\d:\d\d\]: ")
 LOG_SUMMARY_MARK = "<PROG>: @@@@@@@@@@@@@@@@@@@@ summary"
 TIMED_OUT_COMMAND = re.compile(r'timed out on command ".*" \(kind: (\w+)\)$', re.MULTILINE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -44,3 +45,34 @@ def test_junit_counts_failures_and_skips(tmp_path: Path) -> None:
     assert cases["bad"].findtext("system-err") == "boom\n"  # control characters dropped
     assert cases["maybe"].find("skipped") is not None
     assert cases["ok"].find("failure") is None and cases["ok"].find("skipped") is None
+
+
+def test_flaky_superficial_and_the_run_error_are_marked(tmp_path: Path) -> None:
+    from nestbed.report.results import RunError
+
+    results = [
+        *RESULTS,
+        TestResult("shallow", Verdict.PASS, package="p", superficial=True),
+    ]
+    error = RunError("testbed failure", "the VM died")
+    out = tmp_path / "r.xml"
+    write_junit(str(out), results, error, started=0.0)
+    suite = ET.parse(out).getroot().find("testsuite")
+    assert suite is not None
+    assert re.fullmatch(r"19[67]\d-\d\d-\d\dT\d\d:\d\d:\d\d", suite.get("timestamp", ""))
+    assert suite.get("hostname")
+    assert (suite.get("tests"), suite.get("errors")) == ("7", "1")
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    flaky = cases["flake"].find("skipped")
+    assert flaky is not None and flaky.get("type") == "FLAKY"
+    prop = cases["shallow"].find("properties/property")
+    assert prop is not None and (prop.get("name"), prop.get("value")) == ("superficial", "true")
+    run_error = cases["(run)"].find("error")
+    assert run_error is not None
+    assert run_error.get("type") == "testbed failure"
+    assert run_error.get("message") == "testbed failure: the VM died"
+    js = tmp_path / "r.json"
+    write_json(str(js), results, 16, error)
+    document = json.loads(js.read_text())
+    assert document["exit_code"] == 16
+    assert document["error"] == {"kind": "testbed failure", "message": "the VM died"}

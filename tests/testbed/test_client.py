@@ -254,3 +254,26 @@ def test_resolve_virt_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     (bindir / "nestbed-virt-fake").chmod(0o755)
     monkeypatch.setenv("PATH", str(bindir))
     assert resolve_virt_server("fake") == [str(bindir / "nestbed-virt-fake")]
+
+
+def test_resolve_virt_server_by_autopkgtest_names(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """NAME is nestbed-virt-NAME, else autopkgtest-virt-NAME; either prefix names a program."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for prog in ("nestbed-virt-both", "autopkgtest-virt-both", "autopkgtest-virt-theirs"):
+        (bindir / prog).write_text("#!/bin/sh\n")
+        (bindir / prog).chmod(0o755)
+    monkeypatch.setenv("PATH", str(bindir))
+    assert resolve_virt_server("both") == [str(bindir / "nestbed-virt-both")]
+    assert resolve_virt_server("theirs") == [str(bindir / "autopkgtest-virt-theirs")]
+    assert resolve_virt_server("autopkgtest-virt-both") == [str(bindir / "autopkgtest-virt-both")]
+    assert resolve_virt_server("nestbed-virt-both") == [str(bindir / "nestbed-virt-both")]
+    with pytest.raises(errors.UsageError) as e:
+        resolve_virt_server("nothing")
+    assert "'nothing'" in str(e.value)
+    assert "nestbed-virt-nothing nor autopkgtest-virt-nothing" in str(e.value)
+    # an explicit prefix is not prefixed again
+    with pytest.raises(errors.UsageError, match="no autopkgtest-virt-theirs2 in"):
+        resolve_virt_server("autopkgtest-virt-theirs2")

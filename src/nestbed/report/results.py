@@ -40,6 +40,29 @@ class TestResult:
         return f"{self.verdict.value} {self.reason}"
 
 
+@dataclass(frozen=True)
+class RunError:
+    """The error that ended a run, as its summary names it: `kind` is "erroneous package",
+    "testbed failure", "usage" or "unexpected error"."""
+
+    kind: str
+    message: str
+
+
+def run_error(error: BaseException) -> RunError:
+    """The RunError for what ended a run, from the runner's one exit table."""
+    code = errors.exit_code(error)
+    if isinstance(error, errors.UsageError):
+        return RunError("usage", str(error))
+    if code == errors.EXIT_BADPKG:
+        return RunError("erroneous package", str(error))
+    if code == errors.EXIT_TESTBED_FAILURE:
+        return RunError("testbed failure", str(error))
+    if isinstance(error, errors.NestbedError):
+        return RunError("error", str(error))
+    return RunError("unexpected error", f"{type(error).__name__}: {error}")
+
+
 @dataclass
 class ExitStatus:
     """autopkgtest's exit code arithmetic: bits for skipped (2), failed (4), badpkg (12)."""
@@ -47,6 +70,7 @@ class ExitStatus:
     code: int = errors.EXIT_OK
     any_positive: bool = False
     results: list[TestResult] = field(default_factory=list)
+    error: RunError | None = None  # what ended the run, if anything did
 
     def add(self, result: TestResult) -> None:
         self.results.append(result)
@@ -64,6 +88,8 @@ class ExitStatus:
         """An error ended the run (or a part it cannot do without): its exit code, from
         the runner's one table."""
         self.code = errors.exit_code(error)
+        if self.error is None:
+            self.error = run_error(error)
 
     def finish_package(self, had_tests: bool) -> None:
         """After one package: no tests, or nothing positively tested, is exit 8 (autopkgtest)."""

@@ -28,11 +28,14 @@ def build(
     extra_env: tuple[str, ...],
     install_timeout: int,
     build_timeout: int,
+    gain_root: str | None = None,
 ) -> list[str]:
-    """dpkg-buildpackage in the testbed tree; returns the testbed paths of the built .debs."""
+    """dpkg-buildpackage in the testbed tree; returns the testbed paths of the built .debs.
+    `gain_root` (--gain-root) is dpkg-buildpackage's -r; without it a build that is not
+    root's gets fakeroot."""
     root = Cap.ROOT_ON_TESTBED in testbed.caps
     build_deps = SourcePackage(tree_host, arch).build_depends()
-    if user or not root:
+    if not gain_root and (user or not root):
         build_deps.append("fakeroot")
     deps.install(testbed, tuple(build_deps), console, install_timeout)
     q = shlex.quote
@@ -42,7 +45,7 @@ def build(
             f"cd {q(tree_tb)}",
             *(f"export {q(e)}" for e in extra_env),
             f'DEB_BUILD_OPTIONS="parallel={q(parallel)} $DEB_BUILD_OPTIONS" '
-            "dpkg-buildpackage -us -uc -b",
+            "dpkg-buildpackage -us -uc -b" + (f" -r{q(gain_root)}" if gain_root else ""),
             "dpkg-source --before-build .",  # keep patches applied for the tests
             "cd ..",
             "ls -1 -- *.deb >&3 2>/dev/null || true",

@@ -63,8 +63,16 @@ class TestbedLifecycle:
     def wrapper_path(self) -> str:
         return f"{self.helpers_dir}/wrapper.sh"
 
+    @property
+    def caps(self) -> frozenset[str]:
+        """What the testbed offers a test: the server's capabilities, and has_internet unless
+        --needs-internet=skip (as autopkgtest: no server knows, the user says)."""
+        if self.options.needs_internet == "skip":
+            return self.testbed.caps
+        return self.testbed.caps | {Cap.HAS_INTERNET}
+
     def can(self, *caps: str) -> bool:
-        return all(cap in self.testbed.caps for cap in caps)
+        return all(cap in self.caps for cap in caps)
 
     # -- opening ----------------------------------------------------------------------------
     def open(self) -> None:
@@ -172,6 +180,16 @@ class TestbedLifecycle:
         self.testbed.reboot(timeout=self.options.timeouts.copy)
         self.install_helpers()
 
+    def check_user(self) -> None:
+        """-u USER must exist in the testbed: the package is erroneous otherwise, as
+        autopkgtest has it (its extraction as USER fails: exit 12, not a testbed failure)."""
+        user = self.options.user
+        if not user or not self.can(Cap.ROOT_ON_TESTBED):
+            return
+        r = self.testbed.execute(["id", "-u", "--", user], timeout=self.options.timeouts.short)
+        if r.returncode != 0:
+            raise errors.BadPackage(f"-u/--user {user}: no such user in the testbed")
+
     def needs_sudo_problem(self) -> str:
         """Why needs-sudo cannot be met ("" when it is): only by a normal user who may sudo
         (autopkgtest's checks); asked once per opened testbed."""
@@ -215,6 +233,14 @@ class TestbedLifecycle:
         if r.returncode != 0:
             return f"Failed to enable needs-sudo restriction: exit status {r.returncode}"
         return ""
+
+    def shell(self, cwd: str, env: tuple[str, ...] = ()) -> None:
+        """-s/--shell: an interactive shell in the testbed, on the user's terminal; without
+        one, a note instead (a run in CI goes on, never waits)."""
+        self.console.info(" - - - - - - - - - - running shell - - - - - - - - - -")
+        why = self.testbed.shell(cwd, env)
+        if why:
+            self.console.warning(f"no shell in the testbed: {why}")
 
     # -- the end ----------------------------------------------------------------------------
     def close(self) -> None:

@@ -55,3 +55,11 @@ class RunOptions:
     build_parallel: str | None = None
     setup: SetupRequest = field(default_factory=SetupRequest)
     auto_control: bool = True  # --no-auto-control: False, autodep8 is never run
+    # autopkgtest's --needs-internet: run (the default), try (a failure is SKIP), skip
+    needs_internet: str = "run"
+    override_control: str | None = None  # the first package's control file instead of its own
+    validate: bool = False  # -V: check the control file, run nothing
+    gain_root: str | None = None  # dpkg-buildpackage -r
+    shell_fail: bool = False  # -s: a shell after a failed build, install or test
+    shell: bool = False  # a shell after every test
+    apt_fallback: bool = True  # --no-apt-fallback: keep the pinning when deps fail

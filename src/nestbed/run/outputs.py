@@ -8,6 +8,7 @@ import os
 import shlex
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -40,6 +41,7 @@ class RunOutputs:
         self.options = options
         self.console = console
         self.status = ExitStatus()
+        self.started = time.time()
         self._own_dir = options.output_dir is None
         if options.output_dir is None:
             self.dir = tempfile.mkdtemp(prefix="nestbed.output.")
@@ -47,13 +49,20 @@ class RunOutputs:
         else:
             os.makedirs(options.output_dir, exist_ok=True)
             self.dir = options.output_dir
-        logfile = options.logfile or (
-            os.path.join(options.output_dir, "log") if options.output_dir else None
-        )
-        if logfile:
-            console.open_logfile(logfile)
-        summary = options.summary_file or os.path.join(self.dir, "summary")
-        self.summary: BinaryIO = open(summary, "w+b", buffering=0)  # noqa: SIM115
+        try:
+            logfile = options.logfile or (
+                os.path.join(options.output_dir, "log") if options.output_dir else None
+            )
+            if logfile:
+                console.open_logfile(logfile)
+            summary = options.summary_file or os.path.join(self.dir, "summary")
+            self.summary: BinaryIO = open(summary, "w+b", buffering=0)  # noqa: SIM115
+        except BaseException:
+            # nothing of ours stays behind when the run cannot even start
+            console.close()
+            if self._own_dir:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            raise
 
     @property
     def keeps_files(self) -> bool:
@@ -119,8 +128,8 @@ class RunOutputs:
     def write_testinfo(self, facts: TestbedFacts) -> None:
         # as autopkgtest records it: the server program's name, then its arguments
         argv = list(self.options.virt_argv)
-        if argv and "/" not in argv[0]:
-            argv[0] = f"nestbed-virt-{argv[0]}"
+        if argv and "/" not in argv[0] and self.options.virt_server:
+            argv[0] = os.path.basename(self.options.virt_server[0])
         info: dict[str, object] = {"virt_server": " ".join(shlex.quote(w) for w in argv)}
         if facts.kernel:
             info["kernel_version"] = facts.kernel
@@ -140,12 +149,10 @@ class RunOutputs:
 
     def write_machine_results(self) -> None:
         """--json and --junit; a failure to write them is the run's failure (exit 20)."""
-        results = self.status.results
         try:
-            if self.options.json_file:
-                write_json(self.options.json_file, results)
-            if self.options.junit_file:
-                write_junit(self.options.junit_file, results)
+            write_machine_results(
+                self.options.json_file, self.options.junit_file, self.status, self.started
+            )
         except OSError as e:
             self.console.error(f"cannot write results: {e}")
             self.status.fail(e)
@@ -155,3 +162,14 @@ class RunOutputs:
         self.console.close()
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def write_machine_results(
+    json_file: str | None, junit_file: str | None, status: ExitStatus, started: float
+) -> None:
+    """--json and --junit as `status` has it: also when an error ended the run, or before
+    it started (bad usage: no tests, the error, exit 20). Raises OSError."""
+    if json_file:
+        write_json(json_file, status.results, status.code, status.error)
+    if junit_file:
+        write_junit(junit_file, status.results, status.error, started)

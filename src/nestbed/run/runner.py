@@ -8,6 +8,7 @@ The pieces, each crossed once on a test's way from the command line to its resul
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -23,11 +24,11 @@ from collections.abc import Callable, Mapping
 from nestbed import errors
 from nestbed.capabilities import WANT_BASEIMAGE
 from nestbed.log import DEBUG, PLAIN, Console
-from nestbed.report.results import TestResult, Verdict
+from nestbed.report.results import ExitStatus, TestResult, Verdict
 from nestbed.run import build
 from nestbed.run.lifecycle import TestbedLifecycle
 from nestbed.run.options import PackageArg, RunOptions
-from nestbed.run.outputs import RunOutputs, TestbedFacts
+from nestbed.run.outputs import RunOutputs, TestbedFacts, write_machine_results
 from nestbed.run.plan import TestPlan
 from nestbed.run.testcase import TestCaseRunner
 from nestbed.run.tree import Limits, SourceTree, prepare
@@ -58,6 +59,7 @@ class Runner:
         self.blamed: list[str] = []
         # trees made in the testbed and built .debs are copied back here
         self.workdir = tempfile.mkdtemp(prefix="nestbed.work.")
+        self._override_control = options.override_control
 
     def run(self) -> int:
         info = self.console.info
@@ -130,6 +132,7 @@ class Runner:
         console, outputs, status = self.console, self.outputs, self.outputs.status
         console.info(f"@@@@@@@@@@@@@@@@@@@@ {package.kind} {package.path}")
         self.blamed.append(package.path)
+        life.check_user()
         life.reset(())
         life.binaries.publish(life.testbed, life.copy_timeout)  # the .debs given before it
         tree = self._prepare(life, package)
@@ -144,16 +147,25 @@ class Runner:
                 plan = TestPlan.read(
                     tree.host,
                     life.facts.arch,
-                    life.testbed.caps,
+                    life.caps,
                     self.options.ignore_restrictions,
                     auto_control=self.options.auto_control,
                     console=self.console,
+                    control_path=self._override_control,
                 )
             return plan
 
         if package.kind != "built-tree":  # a built tree is tested as it is
             self._build_if_needed(life, package, tree, read_plan)
+        if self.options.validate:
+            # autopkgtest: the control file parsed (an invalid one is badpkg), its skips
+            # reported (not counted), nothing run
+            for name, reason in read_plan().skips(self.options.only_tests):
+                outputs.report(name, f"SKIP {reason}")
+            outputs.report("*", "Test specification is valid")
+            return
         tests = self._select_tests(package, tree, read_plan())
+        self._override_control = None  # --override-control is the first package's
         if not tests:
             if status.code == errors.EXIT_OK:
                 outputs.report("*", "SKIP no tests in this package")
@@ -193,18 +205,24 @@ class Runner:
                 return
             self.console.info("build needed for tests")
         life.modified = True
-        built = build.build(
-            life.testbed,
-            tree.host,
-            tree.testbed,
-            life.facts.arch,
-            life.user,
-            self.console,
-            parallel=self.options.build_parallel or life.facts.nproc or "1",
-            extra_env=self.options.env,
-            install_timeout=self.options.timeouts.install,
-            build_timeout=self.options.timeouts.build,
-        )
+        try:
+            built = build.build(
+                life.testbed,
+                tree.host,
+                tree.testbed,
+                life.facts.arch,
+                life.user,
+                self.console,
+                parallel=self.options.build_parallel or life.facts.nproc or "1",
+                extra_env=self.options.env,
+                install_timeout=self.options.timeouts.install,
+                build_timeout=self.options.timeouts.build,
+                gain_root=self.options.gain_root,
+            )
+        except errors.BadPackage:
+            if self.options.shell_fail:  # autopkgtest: after a failed build too
+                life.shell(tree.testbed)
+            raise
         if package.built_binaries:
             debs = os.path.join(self.workdir, "debs")
             os.makedirs(debs, exist_ok=True)
@@ -237,6 +255,10 @@ def run(options: RunOptions, declared_restrictions: frozenset[str] = frozenset()
         runner = Runner(options, console, server_hints(declared_restrictions))
     except OSError as e:
         logging.getLogger(__name__).error(str(e), extra={"style": PLAIN})
+        status = ExitStatus()
+        status.fail(e)
+        with contextlib.suppress(OSError):  # the same paths just failed, most likely
+            write_machine_results(options.json_file, options.junit_file, status, time.time())
         return errors.exit_code(e)
     try:
         with ShutdownOnSignals((signal.SIGINT, signal.SIGTERM)):

@@ -34,6 +34,8 @@ class SetupRequest:
     add_apt_sources: tuple[str, ...] = ()
     apt_pockets: tuple[str, ...] = ()  # POCKET[=pkg,src:name,...]
     pin_packages: tuple[str, ...] = ()  # RELEASE=pkg,src:name,...
+    add_apt_releases: tuple[str, ...] = ()  # RELEASE: its deb and deb-src lines, first mirror
+    apt_default_release: str | None = None  # instead of the first release in the sources
 
     def __bool__(self) -> bool:
         return any(
@@ -44,6 +46,8 @@ class SetupRequest:
                 self.add_apt_sources,
                 self.apt_pockets,
                 self.pin_packages,
+                self.add_apt_releases,
+                self.apt_default_release,
             )
         )
 
@@ -85,6 +89,7 @@ class Setup:
         self.console = console
         self.short = short
         self.install = install
+        self.default_release: str | None = None
 
     def _check(self, script: str, what: str, timeout: int | None = None) -> str:
         r = self.testbed.execute(["sh", "-ec", script], timeout=timeout or self.short)
@@ -102,6 +107,8 @@ class Setup:
         )
 
     def _default_release(self) -> str:
+        if self.default_release:  # --apt-default-release
+            return self.default_release
         with tempfile.TemporaryDirectory(prefix="nestbed.") as tmp:
             self.testbed.copyup("/etc/apt/", tmp + "/", timeout=self.short)
             sources = host_sources(Path(tmp))
@@ -132,11 +139,21 @@ class Setup:
         if not request:
             return
         self.console.info("@@@@@@@@@@@@@@@@@@@@ test bed setup")
+        self.default_release = request.apt_default_release
         for host, tb in request.copies:
             if os.path.isdir(host):
                 self.testbed.copydown(host.rstrip("/") + "/", tb.rstrip("/") + "/")
             else:
                 self.testbed.copydown(host, tb)
+        if request.apt_default_release:
+            # as autopkgtest: the archive name when pockets share the release's code name
+            key = "a=" if request.apt_pockets else ""
+            self._check(
+                "mkdir -p /etc/apt/preferences.d; printf 'Package: *\\nPin: release %s\\n"
+                f"Pin-Priority: 990\\n' {shlex.quote(key + request.apt_default_release)}"
+                " > /etc/apt/preferences.d/nestbed-default-release",
+                "--apt-default-release",
+            )
         if request.add_apt_sources:
             listfile = "/etc/apt/sources.list.d/nestbed-add-apt-sources.list"
             lines = "".join(s + "\n" for s in request.add_apt_sources)
@@ -144,6 +161,8 @@ class Setup:
             self._apt_update(listfile)
         if request.apt_pockets:
             self._add_pockets(request.apt_pockets)
+        if request.add_apt_releases:
+            self._add_releases(request.add_apt_releases)
         for item in request.pin_packages:
             release, _, packages = item.partition("=")
             self._pin(release, packages)
@@ -173,6 +192,26 @@ class Setup:
             self._apt_update(listfile)
             if packages:
                 self._pin(suite, packages)
+
+    def _add_releases(self, releases: tuple[str, ...]) -> None:
+        """--add-apt-release: RELEASE from the mirror and components of the first source."""
+        with tempfile.TemporaryDirectory(prefix="nestbed.") as tmp:
+            self.testbed.copyup("/etc/apt/", tmp + "/", timeout=self.short)
+            sources = host_sources(Path(tmp))
+        if not sources:
+            raise TestbedFailure("--add-apt-release: the testbed has no apt sources")
+        first = sources[0]
+        for release in releases:
+            lines = "".join(
+                f"{kind} {first.uri} {release} {' '.join(first.components)}\n"
+                for kind in ("deb", "deb-src")
+            )
+            listfile = f"/etc/apt/sources.list.d/nestbed-add-apt-release-{release}.list"
+            self._check(
+                f"printf '%s' {shlex.quote(lines)} > {shlex.quote(listfile)}",
+                f"--add-apt-release {release}",
+            )
+            self._apt_update(listfile)
 
     def _run(self, commands: tuple[str, ...], user: str | None, what: str, marker: str) -> None:
         env = {marker: "1"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shlex
 from collections.abc import Sequence
+from dataclasses import replace
 
 from nestbed import errors
 from nestbed.capabilities import Cap
@@ -17,6 +18,13 @@ from nestbed.run.options import RunOptions
 from nestbed.run.outputs import RunOutputs
 from nestbed.run.tree import SourceTree
 from nestbed.spec.model import TestSpec
+
+# --no-apt-fallback: autopkgtest's reason when the dependencies cannot be installed
+NO_FALLBACK = (
+    "Test dependencies are unsatisfiable. A common reason is that the requested apt pinning "
+    "prevented dependencies from the non-default suite to be installed. In that case you need "
+    "to add those dependencies to the pinning list."
+)
 
 # where the QEMU testbed's images put the exported base image (a symlink to /dev/baseimage)
 BASEIMAGE_PATH = "/lib/autopkgtest/baseimage"
@@ -57,7 +65,7 @@ class TestCaseRunner:
         """Run `test` in `tree` on a testbed `TestbedLifecycle.reset` made ready for it."""
         life = self.lifecycle
         try:
-            deps.install(life.testbed, test.depends, self.console, self.options.timeouts.install)
+            self._install(test)
             life.deps_installed = test.depends
         except deps.NotInstallable as e:
             life.deps_installed = test.depends
@@ -71,6 +79,8 @@ class TestCaseRunner:
                     )
                 )
             else:
+                if self.options.shell_fail:
+                    life.shell("/")
                 self.outputs.record(
                     TestResult(test.name, Verdict.BADPKG, str(e), package=tree.name)
                 )
@@ -83,6 +93,32 @@ class TestCaseRunner:
         self._execute(tree, test)
         if test.has("breaks-testbed"):
             life.modified = True
+
+    def _install(self, test: TestSpec) -> None:
+        """The test's dependencies. Where --apt-pocket/--pin-packages pinned packages and
+        that makes them unsatisfiable, once more without the pinning (autopkgtest's apt
+        fallback), unless --no-apt-fallback."""
+        life = self.lifecycle
+        timeout = self.options.timeouts.install
+        setup = self.options.setup
+        pinned = bool(setup.pin_packages or any("=" in p for p in setup.apt_pockets))
+        try:
+            deps.install(life.testbed, test.depends, self.console, timeout)
+            return
+        except deps.NotInstallable:
+            if not self.options.apt_fallback:
+                raise deps.NotInstallable(NO_FALLBACK) from None
+            if not pinned:
+                raise
+        self.console.warning(
+            "Test dependencies are unsatisfiable with using apt pinning. "
+            "Retrying with using all packages from the pinned releases"
+        )
+        life.modified = True  # the pinning is gone until the next revert
+        life.check_exec(
+            ["sh", "-c", "rm -f /etc/apt/preferences.d/nestbed-*"], "removing the apt pinning"
+        )
+        deps.install(life.testbed, test.depends, self.console, timeout)
 
     def _execute(self, tree: SourceTree, test: TestSpec) -> None:
         life = self.lifecycle
@@ -117,15 +153,45 @@ class TestCaseRunner:
             if not note.startswith("timed-out"):
                 self.console.info(f"test {name}: {note}")
         self.console.info(f"test {name}:  - - - - - - - - - - results - - - - - - - - - -")
-        self.outputs.record(executor.decide(test, run, tree.name))
+        result = self._needs_internet_try(test, run, executor.decide(test, run, tree.name))
+        self.outputs.record(result)
         if run.stderr and not test.has("allow-stderr") and not run.timed_out:
             self.console.info(f"test {name}:  - - - - - - - - - - stderr - - - - - - - - - -")
             for chunk in run.stderr.chunks():
                 self.console.write_stderr(chunk)
+        failed = result.verdict in (Verdict.FAIL, Verdict.FLAKY)
+        if self.options.shell or (self.options.shell_fail and failed):
+            life.shell(
+                tree.testbed,
+                (
+                    f"AUTOPKGTEST_ARTIFACTS={env.artifacts_dir(test)}",
+                    f"AUTOPKGTEST_TMP={env.tmp_dir}",
+                ),
+            )
         try:
             self._save_outputs(test, env, run, baseline)
         finally:
             run.close()
+
+    def _needs_internet_try(
+        self, test: TestSpec, run: executor.TestRun, result: TestResult
+    ) -> TestResult:
+        """--needs-internet=try: a needs-internet test that exits non-zero is SKIP, as the
+        network is not guaranteed (autopkgtest: a timeout or stderr still fails it)."""
+        failed = result.verdict in (Verdict.FAIL, Verdict.FLAKY)
+        if (
+            self.options.needs_internet == "try"
+            and test.has("needs-internet")
+            and failed
+            and not run.timed_out
+            and run.returncode != 0
+        ):
+            return replace(
+                result,
+                verdict=Verdict.SKIP,
+                reason="Failed, but test has needs-internet and that's not guaranteed",
+            )
+        return result
 
     def _save_outputs(
         self,

@@ -32,7 +32,8 @@ exec 3>&2 2>/dev/null
 
 # autopkgtest-reboot finds the test as the child of this shell
 echo $$ 2>/dev/null >/tmp/autopkgtest_script_pid || true
-read -r up _ </proc/uptime  # seconds without a date process
+# seconds without a date process; a chroot without /proc (autopkgtest-virt-chroot) has date
+read -r up _ </proc/uptime || up=$(date +%s)
 started=${up%.*}
 # exec in a subshell: a shell killed by a signal would print "Killed" into the test's stderr
 if [ "$limit" -gt 0 ]; then
@@ -50,7 +51,7 @@ while :; do
     kill -0 "$child" 2>/dev/null || break
 done
 if [ "$limit" -gt 0 ] && [ "$status" -eq 124 ]; then
-    read -r up _ </proc/uptime
+    read -r up _ </proc/uptime || up=$(date +%s)
     if [ $(( ${up%.*} - started )) -ge "$limit" ]; then note "timed-out after $limit s"; fi
 fi
 

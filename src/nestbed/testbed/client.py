@@ -67,24 +67,37 @@ class ExecResult(NamedTuple):
     stderr: bytes
 
 
+# A testbed named without a path: nestbed's server of that name, else autopkgtest's (so
+# `-- schroot CHROOT`, `-- lxc ...`, `-- ssh ...` work as with autopkgtest); a name that
+# already carries either prefix is taken as it is.
+VIRT_PREFIXES = ("nestbed-virt-", "autopkgtest-virt-")
+
+
 def resolve_virt_server(name: str) -> list[str]:
-    """argv of the server for `name`: ``null`` -> nestbed-virt-null from the bin dir of this
-    Python, else from PATH; a value with '/' is a path used as given.
+    """argv of the server for `name`: ``null`` -> nestbed-virt-null, else autopkgtest-virt-null;
+    each first from the bin dir of this Python, then from PATH. ``autopkgtest-virt-NAME`` and
+    ``nestbed-virt-NAME`` name that program; a value with '/' is a path used as given.
 
     The bin dir comes first: it is the same installation as the running runner, where PATH
     may hold another checkout's or an older release's script.
     """
     if "/" in name:
         return [name]
-    prog = f"nestbed-virt-{name}"
+    if name.startswith(VIRT_PREFIXES):
+        candidates = [name]
+    else:
+        candidates = [prefix + name for prefix in VIRT_PREFIXES]
     bindir = os.path.dirname(sys.executable)
-    beside = os.path.join(bindir, prog)
-    if os.path.isfile(beside) and os.access(beside, os.X_OK):
-        return [beside]
-    found = shutil.which(prog)
-    if found:
-        return [found]
-    raise UsageError(f"unknown virt server '{name}': no {prog} in {bindir} nor in PATH")
+    for prog in candidates:
+        beside = os.path.join(bindir, prog)
+        if os.path.isfile(beside) and os.access(beside, os.X_OK):
+            return [beside]
+        found = shutil.which(prog)
+        if found:
+            return [found]
+    raise UsageError(
+        f"unknown virt server '{name}': no {' nor '.join(candidates)} in {bindir} nor in PATH"
+    )
 
 
 class _LineReader:
@@ -597,6 +610,47 @@ class Testbed:
             raise TestbedFailure(
                 f"cannot run the testbed's exec prefix {self.exec_prefix[0]}: {e.strerror}"
             ) from None
+
+    def shell(self, cwd: str, env: Sequence[str] = ()) -> str | None:
+        """An interactive shell in the testbed on the user's terminal, in `cwd` with the
+        VAR=value `env`; returns when the user leaves it. None, or why there was no shell.
+
+        Run here, not by the server's `shell` command: the server has a session of its own,
+        without our terminal. The shell gets our process group, so the terminal's job control
+        (Ctrl-C, Ctrl-Z) is the shell's while it runs.
+        """
+        self._require_open("run a shell")
+        if not sys.stdin.isatty():
+            return "stdin is not a terminal"
+        script = f"cd {shlex.quote(cwd)} || exit; "
+        for assignment in env:
+            script += f"export {shlex.quote(assignment)}; "
+        if "TERM" in os.environ:
+            script += f"export TERM={shlex.quote(os.environ['TERM'])}; "
+        script += "exec bash -i"
+        try:
+            with open("/dev/tty", "rb") as tty_in, open("/dev/tty", "wb") as tty_out:
+                proc = spawn(
+                    [*self.exec_prefix, "sh", "-c", script],
+                    stdin=tty_in,
+                    stdout=tty_out,
+                    stderr=tty_out,
+                    env=self._exec_env(),
+                    new_session=False,
+                    with_parent=False,
+                )
+                try:
+                    proc.wait()
+                except BaseException:
+                    # not proc.stop: the shell shares our process group, which must live
+                    with contextlib.suppress(OSError):
+                        proc.kill()
+                    with contextlib.suppress(TimeoutExpired):
+                        proc.wait(5)
+                    raise
+        except (OSError, CommandFailed) as e:
+            return f"cannot run a shell: {e}"
+        return None
 
     def copydown(self, host: str, tb: str, timeout: float | None = None) -> None:
         """Copy a host file or tree to the testbed; a tree has '/' at the end of both paths."""
