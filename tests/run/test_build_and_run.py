@@ -75,3 +75,76 @@ def test_a_test_exiting_255_fails_with_253(testbed: str, tmp_path: Path) -> None
     ], proc.stderr[-3000:]
     assert proc.returncode == 4, proc.stderr[-3000:]
     assert "testbed failure" not in proc.stderr
+
+
+# -- 5 and 17: the built tree, and background processes left behind ------------------------
+
+BUILDDEPS = Path(__file__).parent.parent / "fixtures" / "packages" / "builddeps"
+
+
+def built_fixture(root: Path, control: str, tests: dict[str, str], build_extra: str = "") -> Path:
+    """The builddeps fixture (a plain debian/rules) with its own tests and build step."""
+    tree = root / "builddeps"
+    shutil.copytree(BUILDDEPS, tree)
+    rules = tree / "debian" / "rules"
+    text = rules.read_text().replace(
+        "\techo built > built-marker\n", f"\techo built > built-marker\n{build_extra}"
+    )
+    rules.write_text(text)
+    (tree / "debian" / "tests" / "control").write_text(control)
+    for name, body in tests.items():
+        (tree / "debian" / "tests" / name).write_text(body)
+        (tree / "debian" / "tests" / name).chmod(0o755)
+    return tree
+
+
+@pytest.mark.parametrize("testbed", ["null", "unshare"])
+def test_every_test_runs_in_the_built_tree(testbed: str, tmp_path: Path) -> None:
+    """The second test needs a revert where the testbed has one (other dependencies): it
+    still finds the build's product, as under autopkgtest, which copies its built tree
+    into each reverted testbed."""
+    tree = built_fixture(
+        tmp_path,
+        "Tests: first\nDepends: make\nRestrictions: build-needed\n\n"
+        "Tests: second\nDepends: diffutils\n",
+        {"first": "#!/bin/sh\ncat built-marker\n", "second": "#!/bin/sh\ncat built-marker\n"},
+    )
+    proc = run_nestbed(tree, testbed, "-B", "-d")
+    assert result_lines(proc.stdout) == ["first PASS", "second PASS"], proc.stderr[-3000:]
+    assert proc.returncode == 0
+    assert proc.stdout.count("built\n") == 2
+    if testbed == "unshare":
+        assert "reverting the testbed" in proc.stderr  # what the second test's run shows
+
+
+def _sleepers(tag: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args[:2] == [b"sleep", tag.encode()]:
+            found.append(cmdline.parent.name)
+    return found
+
+
+@pytest.mark.parametrize("testbed", ["null", "unshare"])
+def test_background_processes_do_not_hang_a_build_or_a_test(testbed: str, tmp_path: Path) -> None:
+    """debian/rules and a test each leave `(sleep N &)` holding their output: the build and
+    the test end with their main process (and the sleepers are gone), well before the
+    timeout that would otherwise end them as a testbed failure."""
+    tree = built_fixture(
+        tmp_path,
+        "Tests: uses-build\nDepends: make\nRestrictions: build-needed\n\n"
+        "Tests: leaves-one\nDepends: make\n",
+        {"leaves-one": "#!/bin/sh\n(sleep 291 &)\necho started one\n"},
+        build_extra="\t(sleep 293 &)\n",
+    )
+    limits = ("--timeout-build=120", "--timeout-test=120")
+    proc = run_nestbed(tree, testbed, "-B", *limits, timeout=400)
+    assert result_lines(proc.stdout) == ["uses-build PASS", "leaves-one PASS"], proc.stderr[-3000:]
+    assert proc.returncode == 0
+    assert "build: killing leaked background processes" in proc.stderr
+    assert "test leaves-one: killing leaked background processes" in proc.stderr
+    assert _sleepers("291") == [] and _sleepers("293") == []

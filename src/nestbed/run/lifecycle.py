@@ -168,9 +168,13 @@ class TestbedLifecycle:
         return reverted
 
     def reboot(self) -> None:
-        """A test asked for a reboot: the testbed keeps the scratch dir; /tmp may not."""
+        """A test asked for a reboot: the testbed keeps the scratch dir; /tmp may not, nor
+        /run, where --setup-commands-boot's effects live: they run again."""
         self.testbed.reboot(timeout=self.options.timeouts.copy)
         self.install_helpers()
+        Setup(
+            self.testbed, self.console, self.options.timeouts.short, self.options.timeouts.install
+        ).after_reboot(self.options.setup, self.user)
 
     def needs_sudo_problem(self) -> str:
         """Why needs-sudo cannot be met ("" when it is): only by a normal user who may sudo

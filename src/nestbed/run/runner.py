@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable, Mapping
 
 from nestbed import errors
-from nestbed.capabilities import WANT_BASEIMAGE
+from nestbed.capabilities import WANT_BASEIMAGE, Cap
 from nestbed.log import DEBUG, PLAIN, Console
 from nestbed.report.results import TestResult, Verdict
 from nestbed.run import build
@@ -149,8 +149,10 @@ class Runner:
                 )
             return plan
 
+        again = package  # what a revert's fresh testbed gets the tests' tree from
         if package.kind != "built-tree":  # a built tree is tested as it is
             self._build_if_needed(life, package, tree, read_plan)
+            again = self._keep_tree(life, package, tree)
         tests = self._select_tests(package, tree, read_plan())
         if not tests:
             if status.code == errors.EXIT_OK:
@@ -162,12 +164,24 @@ class Runner:
                 console.info(f"test {test.name}: preparing testbed")
                 if life.reset(test.depends):
                     # a revert took the tree away with everything else
-                    tree = self._prepare(life, package)
+                    tree = self._prepare(life, again)
                 testcases.run(tree, test, self.blamed)
             status.finish_package(had_tests=True)
         life.modified = True
         if console.verbosity >= 1:
             outputs.show_summary()
+
+    def _keep_tree(
+        self, life: TestbedLifecycle, package: PackageArg, tree: SourceTree
+    ) -> PackageArg:
+        """As autopkgtest, every test runs in the tree as it is now, built or not: where a
+        revert would take it away, a copy on the host, copied into each reverted testbed
+        (not made again from the source, which would also undo the build)."""
+        if not life.can(Cap.REVERT):
+            return package
+        host = tempfile.mkdtemp(prefix="tests-tree.", dir=self.workdir)
+        life.testbed.copyup(tree.testbed + "/", host + "/", timeout=life.copy_timeout)
+        return PackageArg("built-tree", host, package.built_binaries)
 
     def _build_if_needed(
         self,
@@ -202,6 +216,7 @@ class Runner:
             extra_env=self.options.env,
             install_timeout=self.options.timeouts.install,
             build_timeout=self.options.timeouts.build,
+            wrapper=life.wrapper_path,
         )
         if package.built_binaries:
             debs = os.path.join(self.workdir, "debs")
