@@ -148,3 +148,48 @@ def test_background_processes_do_not_hang_a_build_or_a_test(testbed: str, tmp_pa
     assert "build: killing leaked background processes" in proc.stderr
     assert "test leaves-one: killing leaked background processes" in proc.stderr
     assert _sleepers("291") == [] and _sleepers("293") == []
+
+
+# -- 13: a package under test older than the testbed's ---------------------------------------
+
+
+def fixture_deb(directory: Path, name: str, version: str, depends: str = "") -> Path:
+    root = directory / f"{name}-{version}"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "usr" / "share" / name).mkdir(parents=True)
+    (root / "usr" / "share" / name / "version").write_text(version + "\n")
+    (root / "DEBIAN" / "control").write_text(
+        f"Package: {name}\nVersion: {version}\nArchitecture: all\n"
+        + (f"Depends: {depends}\n" if depends else "")
+        + "Maintainer: t <t@localhost>\nDescription: nestbed test fixture\n"
+    )
+    deb = directory / f"{name}_{version}_all.deb"
+    subprocess.run(["dpkg-deb", "-b", str(root), str(deb)], check=True, capture_output=True)
+    return deb
+
+
+def test_binaries_below_the_installed_version_are_tested_not_refused(tmp_path: Path) -> None:
+    """The class of bzip2 1.0.8-5 against the archive's libbz2-1.0 1.0.8-5+b1: the testbed
+    has a package of ours at a newer version than the one under test. The one under test
+    is installed when it is offered (as autopkgtest's reinstall does), so a test depending
+    on its sibling (Depends: lib (= 0.9)) installs without a downgrade apt refuses."""
+    newer = fixture_deb(tmp_path, "nestbed-fixture-lib", "1.0")
+    lib = fixture_deb(tmp_path, "nestbed-fixture-lib", "0.9")
+    tool = fixture_deb(tmp_path, "nestbed-fixture-tool", "0.9", "nestbed-fixture-lib (= 0.9)")
+    tree = write_package(
+        tmp_path / "pkg",
+        {"uses-tool": "#!/bin/sh\ncat /usr/share/nestbed-fixture-lib/version\n"},
+        "Tests: uses-tool\nDepends: nestbed-fixture-tool\n",
+    )
+    proc = run_nestbed(
+        tree,
+        "unshare",
+        "-B",
+        f"--copy={newer}:/root/newer.deb",
+        "--setup-commands=dpkg -i /root/newer.deb",
+        str(lib),
+        str(tool),
+    )
+    assert result_lines(proc.stdout) == ["uses-tool PASS"], proc.stdout + proc.stderr[-3000:]
+    assert proc.returncode == 0
+    assert "0.9\n" in proc.stdout
