@@ -17,6 +17,7 @@ import pytest
 
 from nestbed.container.tarball import ensure_tarball, host_arch, host_release
 from nestbed.guest.frameclient import Outcome
+from nestbed.image import ImagePaths
 from nestbed.image.progress import PlainProgress
 from tests_support import nestbed_argv, write_package
 
@@ -193,3 +194,67 @@ def test_binaries_below_the_installed_version_are_tested_not_refused(tmp_path: P
     assert result_lines(proc.stdout) == ["uses-tool PASS"], proc.stdout + proc.stderr[-3000:]
     assert proc.returncode == 0
     assert "0.9\n" in proc.stdout
+
+
+@pytest.mark.vm
+def test_background_processes_do_not_hang_the_qemu_testbed(
+    nestbed_image: ImagePaths, tmp_path: Path
+) -> None:
+    """The same on QEMU, where the guest agent runs the command: the build's and the test's
+    leftover sleepers do not keep them open."""
+    tree = built_fixture(
+        tmp_path,
+        "Tests: uses-build\nDepends: make\nRestrictions: build-needed\n\n"
+        "Tests: leaves-one\nDepends: make\n",
+        {"leaves-one": "#!/bin/sh\n(sleep 291 &)\necho started one\n"},
+        build_extra="\t(sleep 293 &)\n",
+    )
+    limits = ("--timeout-build=240", "--timeout-test=240")
+    proc = subprocess.run(
+        [*nestbed_argv(), "-B", *limits, str(tree), "--", "qemu", str(nestbed_image.directory)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    assert result_lines(proc.stdout) == ["uses-build PASS", "leaves-one PASS"], proc.stderr[-3000:]
+    assert proc.returncode == 0
+    assert "build: killing leaked background processes" in proc.stderr
+    assert "test leaves-one: killing leaked background processes" in proc.stderr
+
+
+# -- 9: where apt's and the build's output go ---------------------------------------------
+
+
+@pytest.mark.autopkgtest
+@pytest.mark.parametrize("program", ["autopkgtest", "nestbed"])
+def test_apt_and_build_output_go_where_autopkgtest_puts_them(program: str, tmp_path: Path) -> None:
+    """Null testbed, -d: apt's lines of the dependency installation on stdout, before the
+    result line; the build's output on stderr; both in the log; -d reports the steps."""
+    if os.geteuid() != 0:
+        pytest.skip("the null testbed installs dependencies on this host as root")
+    exe = shutil.which("autopkgtest") if program == "autopkgtest" else nestbed_argv()[0]
+    if exe is None:
+        pytest.skip("autopkgtest is not installed")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [exe, "-d", "-B", "-o", str(out), str(BUILDDEPS), "--", "null"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    apt_line = "Reading package lists..."
+    build_line = "dpkg-buildpackage: info: source package builddeps"
+    assert apt_line in proc.stdout and apt_line not in proc.stderr
+    assert proc.stdout.index(apt_line) < proc.stdout.index("uses-build           PASS")
+    assert build_line in proc.stderr and build_line not in proc.stdout
+    log = (out / "log").read_text()
+    assert apt_line in log and build_line in log
+    for step in (
+        f"{BUILDDEPS}: satisfying make",
+        "install-deps: satisfying make",
+        "can use apt-get on testbed: True",
+    ):
+        assert step in proc.stderr, step

@@ -41,7 +41,7 @@ def build(
     build_deps = SourcePackage(tree_host, arch).build_depends()
     if user or not root:
         build_deps.append("fakeroot")
-    deps.install(testbed, tuple(build_deps), console, install_timeout)
+    deps.install(testbed, tuple(build_deps), console, install_timeout, what=tree_host)
     q = shlex.quote
     script = "; ".join(
         [
