@@ -201,12 +201,16 @@ def test_background_processes_do_not_hang_the_qemu_testbed(
     nestbed_image: ImagePaths, tmp_path: Path
 ) -> None:
     """The same on QEMU, where the guest agent runs the command: the build's and the test's
-    leftover sleepers do not keep them open."""
+    leftover sleepers do not keep them open. In the same boot (one VM test for two
+    points): a test exiting 255 is FAIL 253 there too, and the run goes on."""
     tree = built_fixture(
         tmp_path,
         "Tests: uses-build\nDepends: make\nRestrictions: build-needed\n\n"
-        "Tests: leaves-one\nDepends: make\n",
-        {"leaves-one": "#!/bin/sh\n(sleep 291 &)\necho started one\n"},
+        "Tests: leaves-one\nDepends: make\n\nTests: t255\nDepends: make\n",
+        {
+            "leaves-one": "#!/bin/sh\n(sleep 291 &)\necho started one\n",
+            "t255": "#!/bin/sh\nexit 255\n",
+        },
         build_extra="\t(sleep 293 &)\n",
     )
     limits = ("--timeout-build=240", "--timeout-test=240")
@@ -217,8 +221,12 @@ def test_background_processes_do_not_hang_the_qemu_testbed(
         text=True,
         timeout=1500,
     )
-    assert result_lines(proc.stdout) == ["uses-build PASS", "leaves-one PASS"], proc.stderr[-3000:]
-    assert proc.returncode == 0
+    assert result_lines(proc.stdout) == [
+        "uses-build PASS",
+        "leaves-one PASS",
+        "t255 FAIL non-zero exit status 253",
+    ], proc.stderr[-3000:]
+    assert proc.returncode == 4
     assert "build: killing leaked background processes" in proc.stderr
     assert "test leaves-one: killing leaked background processes" in proc.stderr
 
