@@ -103,11 +103,13 @@ def make_deb(directory: Path, name: str = "nestbed-fixture-bin") -> Path:
 
 
 # A needs-reboot test (needs-root): reboots through autopkgtest-reboot, then through
-# autopkgtest-reboot-prepare + reboot; prints `run mark=M boot=ID` on each run.
+# autopkgtest-reboot-prepare + reboot; prints `run mark=M boot=ID` on each run, and
+# `bootstamp=` what /run/bootstamp holds (what --setup-commands-boot may have written).
 REBOOTER = r"""#!/bin/sh
 set -e
 boot=$(cat /proc/sys/kernel/random/boot_id)
 echo "run mark=${AUTOPKGTEST_REBOOT_MARK:-none} boot=$boot"
+echo "bootstamp=$(cat /run/bootstamp 2>/dev/null || echo none)"
 case "${AUTOPKGTEST_REBOOT_MARK:-}" in
     "")
         echo first > "$AUTOPKGTEST_TMP/kept"

@@ -1,5 +1,6 @@
 """needs-reboot through nestbed's own runner: autopkgtest-reboot MARK reboots the testbed
-and runs the test again with the mark; its scratch files and artifacts survive."""
+and runs the test again with the mark; its scratch files and artifacts survive, and the
+boot setup commands run again after each reboot."""
 
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ def test_reboot_marks_rerun_the_test_and_keep_its_files(
         "Tests: rebooter\nDepends:\nRestrictions: needs-root, needs-reboot\n",
     )
     out = tmp_path / "out"
+    # boot setup commands run after each boot, as autopkgtest's (a stamp in /run, a tmpfs)
+    boot_setup = "--setup-commands-boot=cat /proc/sys/kernel/random/boot_id >/run/bootstamp"
     r = subprocess.run(
-        [*nestbed_argv(), "-B", "-o", str(out), str(pkg), "--", "qemu",
+        [*nestbed_argv(), "-B", boot_setup, "-o", str(out), str(pkg), "--", "qemu",
          str(nestbed_image.directory)],
         capture_output=True, text=True, timeout=1500,
     )  # fmt: skip
@@ -33,6 +36,8 @@ def test_reboot_marks_rerun_the_test_and_keep_its_files(
     runs = re.findall(r"^run mark=(\S+) boot=(\S+)$", r.stdout, re.M)
     assert [mark for mark, _ in runs] == ["none", "one", "two"]
     assert len({boot for _, boot in runs}) == 3  # three boots of the testbed
+    stamps = re.findall(r"^bootstamp=(\S+)$", r.stdout, re.M)
+    assert stamps == [boot for _, boot in runs]  # set up again after each reboot
     assert "not reached" not in r.stdout
     assert "done" in r.stdout
     boots = (out / "artifacts" / "boots").read_text().split()

@@ -125,6 +125,13 @@ def test_sigterm_is_forwarded(rig: Rig) -> None:
     assert proc.wait(10) == 128 + signal.SIGTERM
 
 
+def test_a_commands_own_255_is_253(rig: Rig) -> None:
+    """255 is the exec prefix's own failure (a testbed failure to every runner): the
+    command's 255 comes out as 253, as autopkgtest-virt-qemu's exec prefix gives it."""
+    assert rig.helper("sh", "-c", "exit 255")[0] == 253
+    assert rig.helper("sh", "-c", "exit 254")[0] == 254
+
+
 def test_agent_gone_means_255(rig: Rig) -> None:
     running = subprocess.Popen([*rig.prefix(), "sleep", "100"], stderr=subprocess.PIPE)
     time.sleep(1)

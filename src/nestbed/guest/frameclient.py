@@ -75,11 +75,14 @@ class Outcome:
     @property
     def exit_status(self) -> int:
         """As the exec prefix reports it: 128+N for signal N, 126/127 for a command that
-        could not be started."""
+        could not be started; the command's own 255 as 253 (as autopkgtest-virt-qemu
+        does), since 255 is the helper's own failure, a testbed failure to every runner."""
         if self.error is not None:
             return 127 if "No such file" in self.error else 126
         if self.signal is not None:
             return 128 + self.signal
+        if self.status == EXIT_HELPER_FAILED:
+            return 253
         return self.status if self.status is not None else EXIT_HELPER_FAILED
 
     @property

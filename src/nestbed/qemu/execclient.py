@@ -5,9 +5,10 @@
 connects to the virt server's multiplexer socket (`nestbed.qemu.mux`), starts COMMAND in the
 guest (as root, with the agent's default environment) and relays this process' stdin,
 stdout and stderr to it. Its exit status is the command's; a command killed by signal N
-gives 128+N; 255 means this helper itself failed (no testbed, channel lost), which clients
-treat as a testbed failure. SIGTERM/SIGINT/SIGHUP are forwarded to the command; if this
-process is killed outright, the multiplexer sees the connection close and kills the command.
+gives 128+N, its own exit status 255 gives 253; 255 means this helper itself failed (no
+testbed, channel lost), which clients treat as a testbed failure. SIGTERM/SIGINT/SIGHUP
+are forwarded to the command; if this process is killed outright, the multiplexer sees the
+connection close and kills the command.
 
 The frames of the request are the shared client's (`nestbed.guest.frameclient`, which the
 virt server's own in-process requests use too); this module only moves the bytes between

@@ -95,6 +95,29 @@ class Binaries:
         if result.returncode != 0:
             err = result.stderr.decode("UTF-8", "replace").strip()
             raise TestbedFailure(f"offering the binaries to apt in the testbed failed: {err}")
+        self._reinstall(testbed, timeout)
+
+    def _reinstall(self, testbed: Testbed, timeout: int) -> None:
+        """Those already installed in the testbed are installed again from here, now, as
+        autopkgtest does: a package of our own at a version below the installed one (a
+        binNMU in the archive, an older .deb) is pinned above it, so every later apt run
+        that touches it, a test's or a build's dependencies, would have to downgrade it and
+        fail ("Packages were downgraded and -y was used without --allow-downgrades")."""
+        names = " ".join(shlex.quote(b.name) for b in self.registered)
+        script = (
+            "installed=$(dpkg-query -W -f '${db:Status-Status} ${Package}\n' "
+            f"-- {names} 2>/dev/null | sed -n 's/^installed //p'); "
+            '[ -z "$installed" ] || DEBIAN_FRONTEND=noninteractive apt-get install --quiet '
+            "--assume-yes --reinstall --allow-downgrades --no-install-recommends "
+            "-o Dpkg::Options::=--force-confnew -o DPkg::Lock::Timeout=600 $installed 1>&2"
+        )
+        result = testbed.execute(["sh", "-c", script], timeout=timeout)
+        if result.returncode != 0:
+            err = result.stderr.decode("UTF-8", "replace").strip().splitlines()[-3:]
+            raise BadPackage(
+                f"installation of basic binaries failed, exit code {result.returncode}: "
+                + " ".join(err)
+            )
 
     def unpublish(self, testbed: Testbed, timeout: int) -> None:
         """Take the repository away (on null, the testbed is the user's own machine)."""

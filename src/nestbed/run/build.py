@@ -10,6 +10,7 @@ from nestbed.capabilities import Cap
 from nestbed.errors import BadPackage, TestbedFailure
 from nestbed.log import Console
 from nestbed.run import deps
+from nestbed.run.executor import NOTES_MARKER
 from nestbed.spec.depends import SourcePackage
 from nestbed.testbed.client import Testbed, su_argv
 
@@ -28,16 +29,22 @@ def build(
     extra_env: tuple[str, ...],
     install_timeout: int,
     build_timeout: int,
+    wrapper: str,
     gain_root: str | None = None,
 ) -> list[str]:
     """dpkg-buildpackage in the testbed tree; returns the testbed paths of the built .debs.
     `gain_root` (--gain-root) is dpkg-buildpackage's -r; without it a build that is not
-    root's gets fakeroot."""
+    root's gets fakeroot.
+
+    It runs under the tests' wrapper (`wrapper`, run/wrapper.sh): the build is over when
+    its main process is, and a background process it left holding its output (`(sleep
+    300 &)` in debian/rules) is killed then, instead of keeping the command open until
+    the build timeout. autopkgtest's exec prefixes end when the main process does, too."""
     root = Cap.ROOT_ON_TESTBED in testbed.caps
     build_deps = SourcePackage(tree_host, arch).build_depends()
     if not gain_root and (user or not root):
         build_deps.append("fakeroot")
-    deps.install(testbed, tuple(build_deps), console, install_timeout)
+    deps.install(testbed, tuple(build_deps), console, install_timeout, what=tree_host)
     q = shlex.quote
     script = "; ".join(
         [
@@ -51,11 +58,15 @@ def build(
             "ls -1 -- *.deb >&3 2>/dev/null || true",
         ]
     )
-    argv = ["sh", "-ec", script]
+    log = f"{testbed.scratch}/build-wrapper.log"
+    argv = [wrapper, log, "0", "sh", "-ec", script]
     if user and root:
-        argv = su_argv(user, f"set -e; {script}")
+        argv = su_argv(user, shlex.join(argv))
     result = testbed.execute(argv, timeout=build_timeout)
-    console.write_stderr(result.stderr)
+    stderr, marker, notes = result.stderr.partition(NOTES_MARKER)
+    console.write_stderr(stderr)
+    for note in notes.decode("UTF-8", "replace").splitlines() if marker else ():
+        console.info(f"build: {note}")
     if result.returncode == 100:
         raise TestbedFailure("rules build failed with exit code 100 (apt failure)")
     if result.returncode != 0:

@@ -26,21 +26,32 @@ def can_use_apt(testbed: Testbed) -> bool:
     return testbed.execute(["test", "-w", "/var/lib/dpkg/status"], timeout=100).returncode == 0
 
 
-def install(testbed: Testbed, depends: tuple[str, ...], console: Console, timeout: int) -> None:
-    """Install `depends` (relations with alternatives) or raise NotInstallable.
+def install(
+    testbed: Testbed,
+    depends: tuple[str, ...],
+    console: Console,
+    timeout: int,
+    what: str = "install-deps",
+) -> None:
+    """Install `depends` (relations with alternatives, already reduced for the testbed's
+    architecture) or raise NotInstallable.
 
     With root, apt-get satisfy resolves the relations as apt would for a package's
-    Depends. Without root, nothing can be installed: check they are already there.
+    Depends; apt's own lines (stdout and stderr, in order) go to our stdout, where
+    autopkgtest puts them. Without root, nothing can be installed: check they are there.
+    `what` names the step in -d's lines, as autopkgtest's (install-deps, or the package).
     """
     if not depends:
         return
     relations = ", ".join(d.replace(":native", "") for d in depends)
-    console.debug(f"installing test dependencies: {relations}")
-    if can_use_apt(testbed):
+    console.debug(f"{what}: satisfying {relations}")
+    apt = can_use_apt(testbed)
+    console.debug(f"can use apt-get on testbed: {apt}")
+    if apt:
         script = (
             "apt-get satisfy --assume-yes --no-install-recommends "
             "-o Dpkg::Options::=--force-confnew -o DPkg::Lock::Timeout=600 "
-            f"-- {shlex.quote(relations)} 1>&2"
+            f"-- {shlex.quote(relations)} 2>&1"
         )
         result = testbed.execute(
             ["sh", "-c", script],
@@ -48,7 +59,8 @@ def install(testbed: Testbed, depends: tuple[str, ...], console: Console, timeou
             capture=True,
             env={"DEBIAN_FRONTEND": "noninteractive"},
         )
-        console.write_stderr(result.stderr)
+        console.write_stdout(result.stdout)
+        console.write_stderr(result.stderr)  # the shell's own, if anything
         if result.returncode != 0:
             raise NotInstallable(UNSATISFIABLE)
         return

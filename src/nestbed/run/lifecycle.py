@@ -176,9 +176,13 @@ class TestbedLifecycle:
         return reverted
 
     def reboot(self) -> None:
-        """A test asked for a reboot: the testbed keeps the scratch dir; /tmp may not."""
+        """A test asked for a reboot: the testbed keeps the scratch dir; /tmp may not, nor
+        /run, where --setup-commands-boot's effects live: they run again."""
         self.testbed.reboot(timeout=self.options.timeouts.copy)
         self.install_helpers()
+        Setup(
+            self.testbed, self.console, self.options.timeouts.short, self.options.timeouts.install
+        ).after_reboot(self.options.setup, self.user)
 
     def check_user(self) -> None:
         """-u USER must exist in the testbed: the package is erroneous otherwise, as

@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable, Mapping
 
 from nestbed import errors
-from nestbed.capabilities import WANT_BASEIMAGE
+from nestbed.capabilities import WANT_BASEIMAGE, Cap
 from nestbed.log import DEBUG, PLAIN, Console
 from nestbed.report.results import ExitStatus, TestResult, Verdict
 from nestbed.run import build
@@ -155,6 +155,7 @@ class Runner:
                 )
             return plan
 
+        again = package  # what a revert's fresh testbed gets the tests' tree from
         if package.kind != "built-tree":  # a built tree is tested as it is
             self._build_if_needed(life, package, tree, read_plan)
         if self.options.validate:
@@ -164,6 +165,8 @@ class Runner:
                 outputs.report(name, f"SKIP {reason}")
             outputs.report("*", "Test specification is valid")
             return
+        if package.kind != "built-tree":
+            again = self._keep_tree(life, package, tree)
         tests = self._select_tests(package, tree, read_plan())
         self._override_control = None  # --override-control is the first package's
         if not tests:
@@ -176,12 +179,24 @@ class Runner:
                 console.info(f"test {test.name}: preparing testbed")
                 if life.reset(test.depends):
                     # a revert took the tree away with everything else
-                    tree = self._prepare(life, package)
+                    tree = self._prepare(life, again)
                 testcases.run(tree, test, self.blamed)
             status.finish_package(had_tests=True)
         life.modified = True
         if console.verbosity >= 1:
             outputs.show_summary()
+
+    def _keep_tree(
+        self, life: TestbedLifecycle, package: PackageArg, tree: SourceTree
+    ) -> PackageArg:
+        """As autopkgtest, every test runs in the tree as it is now, built or not: where a
+        revert would take it away, a copy on the host, copied into each reverted testbed
+        (not made again from the source, which would also undo the build)."""
+        if not life.can(Cap.REVERT):
+            return package
+        host = tempfile.mkdtemp(prefix="tests-tree.", dir=self.workdir)
+        life.testbed.copyup(tree.testbed + "/", host + "/", timeout=life.copy_timeout)
+        return PackageArg("built-tree", host, package.built_binaries)
 
     def _build_if_needed(
         self,
@@ -217,6 +232,7 @@ class Runner:
                 extra_env=self.options.env,
                 install_timeout=self.options.timeouts.install,
                 build_timeout=self.options.timeouts.build,
+                wrapper=life.wrapper_path,
                 gain_root=self.options.gain_root,
             )
         except errors.BadPackage:

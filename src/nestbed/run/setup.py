@@ -174,6 +174,16 @@ class Setup:
             "AUTOPKGTEST_IS_SETUP_BOOT_COMMAND",
         )
 
+    def after_reboot(self, request: SetupRequest, user: str | None) -> None:
+        """A reboot keeps the testbed's disk but not what a boot sets up: as autopkgtest,
+        the boot setup commands run again after each (also autopkgtest-reboot-prepare's)."""
+        self._run(
+            request.setup_commands_boot,
+            user,
+            "boot setup commands",
+            "AUTOPKGTEST_IS_SETUP_BOOT_COMMAND",
+        )
+
     def _add_pockets(self, pockets: tuple[str, ...]) -> None:
         release = self._default_release()
         with tempfile.TemporaryDirectory(prefix="nestbed.") as tmp:

@@ -10,7 +10,9 @@
 # messages go to LOGFILE, never into the test's output while it runs: stderr output decides
 # verdicts. Once the test and its output are done they follow on stderr after a marker,
 # NUL "nestbed-wrapper-notes" NUL, which the runner takes off again (saving a round trip).
-# Exits with COMMAND's exit status; 254 if the wrapper itself cannot work.
+# Exits with COMMAND's exit status, except that a COMMAND exiting 255 gives 253 (as
+# autopkgtest's exec prefixes do: 254 and 255 stay the wrapper's and the exec prefix's own
+# failures, a testbed failure); 254 if the wrapper itself cannot work.
 #
 # Every process started here costs ~50 ms in an emulated VM: shell builtins wherever they do.
 set -u
@@ -80,4 +82,5 @@ if [ -s "$log" ]; then
     cat "$log" >&3
 fi
 rm -f "$log" "$out" "$err"
+[ "$status" -ne 255 ] || status=253
 exit "$status"
