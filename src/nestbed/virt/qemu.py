@@ -74,6 +74,11 @@ from nestbed.testbed.protocol import (
 NORMAL_USER = "nestbed"
 EXTRA_SERIAL = "nestbed-extra{}"
 DEFAULT_RAM_MB = 2048
+# the guest architectures nestbed's machine (a PC) runs, and dpkg's names for QEMU's
+PC_ARCHES = ("x86_64", "i386")
+DPKG_TO_QEMU = {"amd64": "x86_64", "i386": "i386", "arm64": "aarch64", "armhf": "arm",
+                "armel": "arm", "ppc64el": "ppc64le", "ppc64": "ppc64", "s390x": "s390x",
+                "riscv64": "riscv64", "mips64el": "mips64el", "loong64": "loongarch64"}  # fmt: skip
 
 
 def default_ram_mb(meminfo: Path = Path("/proc/meminfo")) -> int:
@@ -143,7 +148,21 @@ class QemuServer(VirtServer):
         )
         parser.add_argument("--qemu-cpu", metavar="MODEL", help="-cpu (default host/max)")
         parser.add_argument(
-            "--qemu-command", default="qemu-system-x86_64", help="QEMU program to run"
+            "-q",
+            "--qemu-command",
+            metavar="COMMAND",
+            help="QEMU program to run (default: qemu-system-ARCH for the architecture below)",
+        )
+        parser.add_argument(
+            "--qemu-architecture",
+            metavar="ARCH",
+            help="guest architecture in QEMU's words (x86_64, i386; default: from "
+            "--dpkg-architecture, else from --qemu-command, else the host's)",
+        )
+        parser.add_argument(
+            "--dpkg-architecture",
+            metavar="ARCH",
+            help="guest architecture in dpkg's words (amd64, i386); --qemu-architecture wins",
         )
         parser.add_argument(
             "--qemu-options", default="", metavar="OPTS", help="extra QEMU options (one string)"
@@ -155,14 +174,18 @@ class QemuServer(VirtServer):
             "--show-boot", action="store_true", help="copy the boot console to stderr"
         )
         parser.add_argument(
-            "--overlay-dir", metavar="DIR", help="where the temporary overlay directory goes"
+            "-o",
+            "--overlay-dir",
+            metavar="DIR",
+            help="where the temporary overlay directory goes",
         )
         parser.add_argument(
             "--boot",
-            choices=("auto", "bios", "efi"),
+            choices=("auto", "bios", "efi", "ieee1275", "none"),
             default="auto",
             help="how a disk from another builder boots (auto: BIOS when its boot sector has "
-            "boot code, else EFI); nestbed's own images always boot their kernel directly",
+            "boot code, else EFI; bios, ieee1275 and none: QEMU's default firmware, nothing "
+            "special); nestbed's own images always boot their kernel directly",
         )
         parser.add_argument(
             "--efi", dest="boot", action="store_const", const="efi", help="same as --boot=efi"
@@ -215,6 +238,7 @@ class QemuServer(VirtServer):
             self.warn("--password is ignored: nestbed does not log in on the console")
         extra = self._extra_images(args)
         self._check_machine_options(args)
+        qemu_command = self._qemu_command(args)
         self.base = self._base_drive(args)
         if self.base is not None:
             extra.append(self.base)
@@ -226,7 +250,7 @@ class QemuServer(VirtServer):
             cpus=args.cpus,
             accel=self.accel.name,
             cpu=args.qemu_cpu or self.accel.cpu,
-            qemu=args.qemu_command,
+            qemu=qemu_command,
             extra_args=tuple(shlex.split(args.qemu_options)),
             unpack=self._unpack if self.bare else None,
             boot=boot,
@@ -283,13 +307,38 @@ class QemuServer(VirtServer):
             self.debug(f"{first}: a bare image, read in {time.monotonic() - started:.1f} s")
         if self.foreign:
             if args.boot != "auto":
-                boot = args.boot
+                # as autopkgtest's: ieee1275 and none do nothing special, like bios on x86
+                boot = "efi" if args.boot == "efi" else "bios"
             self.debug(f"{first}: not a nestbed image: booting it with {boot.upper()} firmware")
         elif args.boot != "auto":
             raise ServerFailure(
                 f"--boot={args.boot}: {first} is a nestbed image, which boots its kernel directly"
             )
         return boot
+
+    @staticmethod
+    def _qemu_command(args: argparse.Namespace) -> str:
+        """-q, else qemu-system-ARCH; the guest architecture from --qemu-architecture, else
+        --dpkg-architecture, else -q's name, else the host's. nestbed's machine (its devices,
+        its agent) is a PC: x86_64 and i386 only."""
+        arch = args.qemu_architecture
+        what = f"--qemu-architecture {arch}"
+        if arch is None and args.dpkg_architecture is not None:
+            arch = DPKG_TO_QEMU.get(args.dpkg_architecture, args.dpkg_architecture)
+            what = f"--dpkg-architecture {args.dpkg_architecture}"
+        if arch is None and args.qemu_command:
+            name = os.path.basename(args.qemu_command)
+            guess = name.removeprefix("qemu-system-")
+            if guess != name:
+                arch, what = guess, f"--qemu-command {args.qemu_command}"
+        if arch is None:
+            arch = os.uname().machine
+            what = f"this machine ({arch})"
+        if arch not in PC_ARCHES:
+            raise ServerFailure(
+                f"{what}: nestbed-virt-qemu runs x86_64 and i386 guests only, not {arch}"
+            )
+        return str(args.qemu_command or f"qemu-system-{arch}")
 
     def _check_machine_options(self, args: argparse.Namespace) -> None:
         if args.ram_size is None:
