@@ -126,3 +126,45 @@ def test_reboot_keeps_the_scratch_dir(testbed: Client) -> None:
     testbed.reboot(timeout=400)
     assert testbed.execute(["cat", "/proc/sys/kernel/random/boot_id"]).stdout != before
     assert testbed.execute(["cat", f"{testbed.scratch}/mark"]).stdout == b"kept\n"
+
+
+def test_a_copyup_cut_short_by_the_copy_timeout_keeps_what_arrived(
+    nestbed_image: ImagePaths, tmp_path: Path
+) -> None:
+    """--timeout-copy ends a copyup: the server answers `timeout' and, as autopkgtest does,
+    the part that arrived stays on the host (the file, the tree so far); the testbed stays."""
+    import subprocess
+    from urllib.parse import unquote
+
+    env = {**os.environ, "AUTOPKGTEST_VIRT_COPY_TIMEOUT": "4"}
+    proc = subprocess.Popen([SERVER, str(nestbed_image.directory)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def ask(line: str) -> str:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(line + "\n")
+        proc.stdin.flush()
+        return proc.stdout.readline().strip()
+
+    try:
+        assert proc.stdout.readline().strip() == "ok"
+        scratch = ask("open").split()[1]
+        prefix = [unquote(w) for w in ask("print-execute-command").split()[1].split(",")]
+        # 400 MiB: more than the copy channel moves in 4 s under TCG (docs/qemu.md)
+        script = f"mkdir {scratch}/d; head -c 400M /dev/zero > {scratch}/d/big"
+        made = subprocess.run([*prefix, "sh", "-ec", script], capture_output=True, timeout=600)
+        assert made.returncode == 0, made.stderr
+        assert ask(f"copyup {scratch}/d/big {tmp_path}/big") == "timeout"
+        size = (tmp_path / "big").stat().st_size
+        assert 0 < size < 400 << 20
+        with open(tmp_path / "big", "rb") as f:
+            assert f.read(1 << 20).strip(b"\0") == b""  # what arrived is the file's start
+        assert ask(f"copyup {scratch}/d/ {tmp_path}/tree/") == "timeout"
+        assert 0 < (tmp_path / "tree" / "big").stat().st_size < 400 << 20
+        assert subprocess.run([*prefix, "true"], timeout=60).returncode == 0
+        assert ask("close") == "ok"
+    finally:
+        proc.stdin.write("quit\n")
+        proc.stdin.flush()
+        proc.wait(120)

@@ -43,7 +43,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, ClassVar, NoReturn
 
@@ -723,23 +723,44 @@ class QemuServer(VirtServer):
             host = os.path.join(host, os.path.basename(tb))
         dest_dir, name = os.path.split(os.path.abspath(host))
         with tempfile.TemporaryFile() as buf:
-            self._stream(FrameType.GET, {"path": tb}, None, buf)
-            buf.seek(0)
             try:
-                with tarfile.open(fileobj=buf, mode="r") as tf:
-                    members = tf.getmembers()
-                    top = os.path.basename(tb)
-                    for m in members:
-                        rest = m.name.split("/", 1)
-                        if rest[0] != top or (not is_dir and (len(rest) > 1 or not m.isfile())):
-                            raise ValueError(f"unexpected tar member {m.name}")
-                        m.name = name + ("/" + rest[1] if len(rest) > 1 else "")
-                        m.uid, m.gid, m.uname, m.gname = os.getuid(), os.getgid(), "", ""
-                    os.makedirs(dest_dir, exist_ok=True)
-                    safe_extract(tf, Path(dest_dir))
-            except (OSError, ValueError, tarfile.TarError, NestbedError) as e:
-                self.warn(f"copyup {tb} -> {host} failed: {e}")
-                raise CommandRefused(COPY_FAILED) from None
+                self._stream(FrameType.GET, {"path": tb}, None, buf)
+            except BaseException:
+                # --timeout-copy (or a lost testbed) cut it short: keep what arrived, as
+                # autopkgtest does, the last file as far as it came
+                if buf.tell():
+                    self._extract(buf, tb, dest_dir, name, is_dir, partial=True)
+                    self.warn(f"copyup {tb} -> {host} cut short: kept what arrived")
+                raise
+            self._extract(buf, tb, dest_dir, name, is_dir, partial=False)
+
+    def _extract(
+        self, buf: BinaryIO, tb: str, dest_dir: str, name: str, is_dir: bool, *, partial: bool
+    ) -> None:
+        """The GET's tar stream (in buf) into dest_dir, its top entry renamed to name. Read as
+        a stream, so a partial one yields every member that arrived, the last one cut off."""
+        top = os.path.basename(tb)
+
+        def members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+            for m in tf:
+                rest = m.name.split("/", 1)
+                if rest[0] != top or (not is_dir and (len(rest) > 1 or not m.isfile())):
+                    raise ValueError(f"unexpected tar member {m.name}")
+                m.name = name + ("/" + rest[1] if len(rest) > 1 else "")
+                m.uid, m.gid, m.uname, m.gname = os.getuid(), os.getgid(), "", ""
+                yield m
+
+        buf.flush()
+        buf.seek(0)
+        try:
+            with tarfile.open(fileobj=buf, mode="r|") as tf:
+                os.makedirs(dest_dir, exist_ok=True)
+                safe_extract(tf, Path(dest_dir), members(tf))
+        except (OSError, ValueError, tarfile.TarError, NestbedError) as e:
+            if partial:  # the cut-off end of the stream: what came before is kept
+                return
+            self.warn(f"copyup {tb} -> {os.path.join(dest_dir, name)} failed: {e}")
+            raise CommandRefused(COPY_FAILED) from None
 
 
 def _discard(data: bytes) -> None:
