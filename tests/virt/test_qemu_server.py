@@ -3,6 +3,7 @@ copies, revert (a restored ready state), reboot, and a stale ready state replace
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import sys
@@ -72,6 +73,33 @@ def test_copies_keep_modes_and_symlinks(testbed: Client, tmp_path: Path) -> None
     with pytest.raises(VirtServerError, match="copyup of /nonexistent"):
         testbed.copyup("/nonexistent", str(tmp_path / "none"))
     assert testbed.execute(["true"]).returncode == 0
+
+
+def test_a_large_tree_goes_down_through_a_disk_whole(testbed: Client, tmp_path: Path) -> None:
+    """Many files and a large one (above DISK_COPY_MIN): the archive is hot-plugged as a
+    disk the guest's tar reads, then unplugged; every file arrives with its mode."""
+    src = tmp_path / "big"
+    for d in range(20):
+        (src / f"d{d}").mkdir(parents=True)
+        for f in range(100):
+            (src / f"d{d}" / f"f{f}").write_text(f"{d}/{f}\n" * f)
+    blob = os.urandom(12 << 20)
+    (src / "blob").write_bytes(blob)
+    (src / "d0" / "f1").chmod(0o751)
+    disks = ["sh", "-c", "dmesg | grep -c 'virtio_blk.*\\[vd'; ls /sys/block | grep -c vd"]
+    before = testbed.execute(disks).stdout.split()
+    tb = f"{testbed.scratch}/big"
+    testbed.copydown(str(src) + "/", tb + "/")
+    check = f"find {tb} -type f | wc -l; sha256sum < {tb}/blob; stat -c %a {tb}/d0/f1"
+    check += f"; cat {tb}/d19/f3"
+    res = testbed.execute(["sh", "-c", check])
+    assert res.returncode == 0, res.stderr
+    count, digest, _, mode, *last = res.stdout.decode().split()
+    assert (int(count), mode, last) == (2001, "751", ["19/3"] * 3)
+    assert digest == hashlib.sha256(blob).hexdigest()
+    after = testbed.execute(disks).stdout.split()
+    assert int(after[0]) == int(before[0]) + 1  # one disk came (the copy's) ...
+    assert after[1] == before[1]  # ... and went
 
 
 def test_revert_gives_a_fresh_system_and_the_same_scratch(testbed: Client) -> None:
