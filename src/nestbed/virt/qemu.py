@@ -733,17 +733,24 @@ class QemuServer(VirtServer):
     def _copydown_by_disk(self, machine: Machine, archive: Path, parent: str) -> None:
         """A large copydown: the tar archive is hot-plugged as a read-only virtio disk and
         unpacked by the guest's tar straight from it -- many times faster under TCG than
-        the agent's channel, where every 4 KiB costs a turn of the agent's loop. Raises
-        _NoDiskCopy when the disk cannot be attached (nothing reached the guest then)."""
-        self._disk_copies += 1
-        node = f"nestbed-copy{self._disk_copies}"
+        the agent's channel, where every 4 KiB costs a turn of the agent's loop."""
         # a disk is whole sectors; tar ignores what follows its end-of-archive blocks
         size = archive.stat().st_size
         os.truncate(archive, -(-size // 512) * 512)
+        with self._copy_disk(machine, archive, read_only=True) as serial:
+            self._unpack_from_disk(serial, parent)
+
+    @contextlib.contextmanager
+    def _copy_disk(self, machine: Machine, image: Path, *, read_only: bool) -> Iterator[str]:
+        """Hot-plug image as a virtio disk for one copy; yields its serial (the guest's
+        /dev/disk/by-id/virtio-SERIAL), then unplugs it. _NoDiskCopy when it cannot be
+        attached: nothing reached the guest then."""
+        self._disk_copies += 1
+        node = f"nestbed-copy{self._disk_copies}"
         try:
             machine.qmp("blockdev-add", **{
-                "driver": "raw", "node-name": node, "read-only": True,
-                "file": {"driver": "file", "filename": os.fspath(archive), "read-only": True},
+                "driver": "raw", "node-name": node, "read-only": read_only,
+                "file": {"driver": "file", "filename": os.fspath(image), "read-only": read_only},
             })  # fmt: skip
         except MachineError as e:
             raise _NoDiskCopy(str(e)) from None
@@ -754,7 +761,7 @@ class QemuServer(VirtServer):
             except MachineError as e:
                 raise _NoDiskCopy(str(e)) from None
             try:
-                self._unpack_from_disk(node, parent)
+                yield node
             finally:
                 self._unplug(machine, node)
         finally:
@@ -762,15 +769,11 @@ class QemuServer(VirtServer):
                 machine.qmp("blockdev-del", **{"node-name": node})
 
     def _unpack_from_disk(self, serial: str, parent: str) -> None:
-        script = (
-            'd=/dev/disk/by-id/virtio-"$1"; i=0\n'
-            'while [ ! -b "$d" ]; do\n'
-            '  i=$((i + 1)); [ $i -le 600 ] || { echo "no disk $d after 60 s" >&2; exit 90; }\n'
-            "  sleep 0.1\n"
-            "done\n"
-            'exec tar --extract --preserve-permissions --same-owner --file="$d" --directory="$2"\n'
-        )
-        res = self.execute(["sh", "-c", script, "sh", serial, parent])
+        script = 'exec tar --extract --preserve-permissions --same-owner --file="$d" -C "$2"\n'
+        self._guest_copy(script, serial, parent)
+
+    def _guest_copy(self, script: str, *args: str) -> None:
+        res = self.execute(["sh", "-c", WAIT_FOR_DISK + script, "sh", *args])
         if res.returncode == 90:
             raise _NoDiskCopy(res.stderr.decode(errors="replace").strip())
         if res.returncode != 0:
@@ -794,6 +797,15 @@ class QemuServer(VirtServer):
         if not is_dir and os.path.isdir(host):
             host = os.path.join(host, os.path.basename(tb))
         dest_dir, name = os.path.split(os.path.abspath(host))
+        machine = self.machine
+        if machine is not None and machine.running:
+            size = self._guest_size(tb)
+            if size is not None and size >= DISK_COPY_MIN:
+                try:
+                    self._copyup_by_disk(machine, tb, dest_dir, name, is_dir, size)
+                    return
+                except _NoDiskCopy as e:
+                    self.debug(f"copyup through a disk failed ({e}); through the agent")
         with tempfile.TemporaryFile() as buf:
             try:
                 self._stream(FrameType.GET, {"path": tb}, None, buf)
@@ -805,6 +817,50 @@ class QemuServer(VirtServer):
                     self.warn(f"copyup {tb} -> {host} cut short: kept what arrived")
                 raise
             self._extract(buf, tb, dest_dir, name, is_dir, partial=False)
+
+    def _guest_size(self, tb: str) -> int | None:
+        """Bytes under tb in the guest (None when du cannot tell: the agent's copy then
+        gives the error)."""
+        res = self.execute(["du", "-s", "--apparent-size", "--block-size=1", "--", tb], timeout=60)
+        try:
+            return int(res.stdout.split()[0]) if res.returncode == 0 else None
+        except (ValueError, IndexError):
+            return None
+
+    def _copyup_by_disk(
+        self, machine: Machine, tb: str, dest_dir: str, name: str, is_dir: bool, size: int
+    ) -> None:
+        """A large copyup: the guest's tar writes the archive onto a hot-plugged blank disk
+        (a sparse file here, room for the data and tar's headers), read here once it is
+        unplugged. Cut short, what the guest wrote so far is kept, as through the agent."""
+        parent, top = os.path.split(tb)
+        with tempfile.NamedTemporaryFile(
+            dir=machine.overlay.parent, prefix="copyup-", suffix=".tar"
+        ) as buf:
+            os.truncate(buf.name, -(-(size * 2 + (256 << 20)) // 512) * 512)
+            # written with O_DIRECT: what a timeout cuts off mid-way is on the disk already,
+            # not in the guest's page cache; tar's own status is the copy's
+            script = (
+                'st=$( { { tar --create --file=- --directory="$2" -- "$3"; echo $? >&3; } |'
+                ' dd of="$d" bs=1M iflag=fullblock oflag=direct status=none ||'
+                ' echo "dd failed" >&3; } 3>&1 )\n'
+                '[ "$st" = 0 ] || { echo "copyup: tar: $st" >&2; exit 1; }\n'
+            )
+            try:
+                with self._copy_disk(machine, Path(buf.name), read_only=False) as serial:
+                    self._guest_copy(script, serial, parent or "/", top or ".")
+            except _NoDiskCopy:
+                raise
+            except BaseException:
+                # what the guest wrote is what is allocated: the disk was a hole before, dd
+                # writes it in order, so the first hole is where the copy stopped
+                with contextlib.suppress(OSError):
+                    os.truncate(buf.name, os.lseek(buf.fileno(), 0, os.SEEK_HOLE))
+                self._extract(cast(BinaryIO, buf), tb, dest_dir, name, is_dir, partial=True)
+                self.warn(f"copyup {tb} -> {os.path.join(dest_dir, name)} cut short: kept "
+                          "what arrived")  # fmt: skip
+                raise
+            self._extract(cast(BinaryIO, buf), tb, dest_dir, name, is_dir, partial=False)
 
     def _extract(
         self, buf: BinaryIO, tb: str, dest_dir: str, name: str, is_dir: bool, *, partial: bool
@@ -833,6 +889,16 @@ class QemuServer(VirtServer):
                 return
             self.warn(f"copyup {tb} -> {os.path.join(dest_dir, name)} failed: {e}")
             raise CommandRefused(COPY_FAILED) from None
+
+
+# the guest's side of a disk copy: wait until udev has the disk with serial $1 as $d
+WAIT_FOR_DISK = (
+    'd=/dev/disk/by-id/virtio-"$1"; i=0\n'
+    'while [ ! -b "$d" ]; do\n'
+    '  i=$((i + 1)); [ $i -le 600 ] || { echo "no disk $d after 60 s" >&2; exit 90; }\n'
+    "  sleep 0.1\n"
+    "done\n"
+)
 
 
 class _NoDiskCopy(Exception):
