@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,19 +22,24 @@ Script = Callable[[dict[str, Any]], list[dict[str, Any]]]
 class FakeMonitor:
     """Accepts one connection, greets, answers each command line with what `script` says."""
 
-    def __init__(self, path: Path, script: Script) -> None:
+    def __init__(self, path: Path, script: Script, listen_after: float | None = None) -> None:
         self.path = path
         self.script = script
         self.commands: list[str] = []
         self.connections = 0
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(path))
-        self._listener.listen(4)
+        if listen_after is None:
+            self._listener.listen(4)
+        self._listen_after = listen_after
         self._conn: socket.socket | None = None
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
+        if self._listen_after is not None:  # bound, not yet listening: as QEMU for a moment
+            time.sleep(self._listen_after)
+            self._listener.listen(4)
         conn, _ = self._listener.accept()
         self.connections += 1
         self._conn = conn
@@ -186,3 +192,18 @@ def test_qemu_gone_fails_commands_at_once(
 def test_no_monitor_is_a_qmp_error(tmp_path: Path) -> None:
     with pytest.raises(QMPError, match="cannot connect to QMP"):
         QMPClient.connect(tmp_path / "absent.sock", timeout=1)
+
+
+def test_a_socket_not_yet_listening_is_waited_for(tmp_path: Path) -> None:
+    """QEMU binds its QMP socket (the file exists) a moment before it listens: under load a
+    connect in between was refused, and the testbed failed to start."""
+    monitor = FakeMonitor(tmp_path / "qmp.sock", answer, listen_after=0.5)
+    try:
+        client = QMPClient.connect(tmp_path / "qmp.sock", timeout=10)
+        try:
+            assert client.execute("query-status") == {}
+        finally:
+            client.close()
+    finally:
+        monitor.close()
+    assert monitor.commands[:2] == ["qmp_capabilities", "query-status"]

@@ -3,6 +3,7 @@ copies, revert (a restored ready state), reboot, and a stale ready state replace
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import sys
@@ -74,6 +75,41 @@ def test_copies_keep_modes_and_symlinks(testbed: Client, tmp_path: Path) -> None
     assert testbed.execute(["true"]).returncode == 0
 
 
+def test_a_large_tree_goes_through_disks_whole(testbed: Client, tmp_path: Path) -> None:
+    """Many files and a large one (above DISK_COPY_MIN): down, the archive is hot-plugged
+    as a disk the guest's tar reads; up, the guest's tar writes a blank one; each unplugged
+    after; every file arrives with its mode."""
+    src = tmp_path / "big"
+    for d in range(20):
+        (src / f"d{d}").mkdir(parents=True)
+        for f in range(100):
+            (src / f"d{d}" / f"f{f}").write_text(f"{d}/{f}\n" * f)
+    blob = os.urandom(12 << 20)
+    (src / "blob").write_bytes(blob)
+    (src / "d0" / "f1").chmod(0o751)
+    disks = ["sh", "-c", "dmesg | grep -c 'virtio_blk.*\\[vd'; ls /sys/block | grep -c vd"]
+    before = testbed.execute(disks).stdout.split()
+    tb = f"{testbed.scratch}/big"
+    testbed.copydown(str(src) + "/", tb + "/")
+    check = f"find {tb} -type f | wc -l; sha256sum < {tb}/blob; stat -c %a {tb}/d0/f1"
+    check += f"; cat {tb}/d19/f3"
+    res = testbed.execute(["sh", "-c", check])
+    assert res.returncode == 0, res.stderr
+    count, digest, _, mode, *last = res.stdout.decode().split()
+    assert (int(count), mode, last) == (2001, "751", ["19/3"] * 3)
+    assert digest == hashlib.sha256(blob).hexdigest()
+    # and back up, through a blank disk the guest's tar writes
+    testbed.copyup(tb + "/", str(tmp_path / "back") + "/")
+    assert (tmp_path / "back" / "blob").read_bytes() == blob
+    assert stat.S_IMODE((tmp_path / "back" / "d0" / "f1").stat().st_mode) == 0o751
+    assert sorted(p.relative_to(tmp_path / "back") for p in (tmp_path / "back").rglob("*")) == (
+        sorted(p.relative_to(src) for p in src.rglob("*"))
+    )
+    after = testbed.execute(disks).stdout.split()
+    assert int(after[0]) == int(before[0]) + 2  # two disks came (the copies') ...
+    assert after[1] == before[1]  # ... and went
+
+
 def test_revert_gives_a_fresh_system_and_the_same_scratch(testbed: Client) -> None:
     scratch = testbed.scratch
     testbed.execute(["sh", "-c", "echo dirty > /etc/dirty"])
@@ -126,3 +162,47 @@ def test_reboot_keeps_the_scratch_dir(testbed: Client) -> None:
     testbed.reboot(timeout=400)
     assert testbed.execute(["cat", "/proc/sys/kernel/random/boot_id"]).stdout != before
     assert testbed.execute(["cat", f"{testbed.scratch}/mark"]).stdout == b"kept\n"
+
+
+def test_a_copyup_cut_short_by_the_copy_timeout_keeps_what_arrived(
+    nestbed_image: ImagePaths, tmp_path: Path
+) -> None:
+    """--timeout-copy ends a copyup (here through a copy disk: 8 GiB is above DISK_COPY_MIN):
+    the server answers `timeout' and, as autopkgtest does,
+    the part that arrived stays on the host (the file, the tree so far); the testbed stays."""
+    import subprocess
+    from urllib.parse import unquote
+
+    env = {**os.environ, "AUTOPKGTEST_VIRT_COPY_TIMEOUT": "8"}
+    proc = subprocess.Popen([SERVER, str(nestbed_image.directory)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def ask(line: str) -> str:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(line + "\n")
+        proc.stdin.flush()
+        return proc.stdout.readline().strip()
+
+    try:
+        assert proc.stdout.readline().strip() == "ok"
+        scratch = ask("open").split()[1]
+        prefix = [unquote(w) for w in ask("print-execute-command").split()[1].split(",")]
+        # 8 GiB (sparse: free to make, but tar reads every byte): more than any copy moves
+        # in 8 s under TCG (docs/qemu.md)
+        script = f"mkdir {scratch}/d; truncate -s 8G {scratch}/d/big"
+        made = subprocess.run([*prefix, "sh", "-ec", script], capture_output=True, timeout=600)
+        assert made.returncode == 0, made.stderr
+        assert ask(f"copyup {scratch}/d/big {tmp_path}/big") == "timeout"
+        size = (tmp_path / "big").stat().st_size
+        assert 0 < size < 8 << 30
+        with open(tmp_path / "big", "rb") as f:
+            assert f.read(1 << 20).strip(b"\0") == b""  # what arrived is the file's start
+        assert ask(f"copyup {scratch}/d/ {tmp_path}/tree/") == "timeout"
+        assert 0 < (tmp_path / "tree" / "big").stat().st_size < 8 << 30
+        assert subprocess.run([*prefix, "true"], timeout=60).returncode == 0
+        assert ask("close") == "ok"
+    finally:
+        proc.stdin.write("quit\n")
+        proc.stdin.flush()
+        proc.wait(120)

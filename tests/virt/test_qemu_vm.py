@@ -264,3 +264,30 @@ def test_autopkgtest_reboot_marks(nestbed_image: ImagePaths, tmp_path: Path) -> 
     assert proc.returncode == 0
     runs = (out / "artifacts" / "runs").read_text().split("\n")
     assert runs == ["run start", "run m1", "run m2", ""]
+
+
+def test_show_boot_puts_the_console_on_stderr_and_the_run_passes(
+    nestbed_image: ImagePaths, tmp_path: Path
+) -> None:
+    """--show-boot on a cold boot: the console reaches stderr (with -d the runner shows the
+    server's stderr), never the protocol on stdout; the run passes as without it."""
+    pkg = make_package(tmp_path / "pkg", {"t": "echo ran\n"})
+    rc, out, err = nestbed("-d", "-B", str(pkg), "--", "qemu", "--show-boot", "--cold-boot",
+                           str(nestbed_image.directory))  # fmt: skip
+    assert (rc, results(out)) == (0, ["t PASS"]), err[-3000:]
+    assert "Linux version" in err  # the kernel's first console line
+    assert "Linux version" not in out
+
+
+def test_isolation_machine_is_true_a_service_starts(
+    nestbed_image: ImagePaths, tmp_path: Path
+) -> None:
+    """The capability a service test relies on: systemd is PID 1 and starts a unit."""
+    pkg = make_package(tmp_path / "pkg", {
+        "service": "set -e\nsystemd-run --unit=nestbed-svc sleep 300\n"
+                   "systemctl is-active nestbed-svc\n[ \"$(cat /proc/1/comm)\" = systemd ]\n",
+    })  # fmt: skip
+    control = pkg / "debian" / "tests" / "control"
+    control.write_text(control.read_text().replace("needs-root,", "needs-root, isolation-machine,"))
+    rc, out, err = nestbed("-B", str(pkg), "--", "qemu", str(nestbed_image.directory))
+    assert (rc, results(out)) == (0, ["service PASS"]), err[-3000:]

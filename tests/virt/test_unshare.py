@@ -172,10 +172,11 @@ def test_capabilities(server: Server) -> None:
         "revert",
         "revert-full-system",
         "root-on-testbed",
-        "isolation-container",
         "suggested-normal-user=unshare",
     ):
         assert cap in caps
+    # PID 1 is no init system: a test starting a service would fail, so not claimed
+    assert "isolation-container" not in caps and "isolation-machine" not in caps
 
 
 @pytest.mark.network
@@ -584,3 +585,163 @@ def test_shipped_setup_commands(tarball: Path, tmp_path: Path, by: str) -> None:
     groups, rule = proc.stdout.splitlines()[:2]
     assert (groups.split()[0], "sudo" in groups.split()) == ("test", False), proc.stdout
     assert rule == "%sudo ALL=(ALL:ALL) NOPASSWD: ALL", proc.stdout
+
+
+# ---- autopkgtest-virt-unshare's options: -b, -p, -u, the sbuild tarball -------------------
+
+
+def protocol(args: list[str], commands: str, env: dict[str, str] | None = None,
+             ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    return subprocess.run(
+        [*server_argv(), *args],
+        input=commands,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+@pytest.mark.network
+def test_bind_mounts_host_directories(tarball: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "in").write_text("from the host\n")
+    # /var/run is a symlink to /run in the tree: INSIDE resolves in the container, and
+    # nothing appears in the host's /run
+    s = Server("--tarball", str(tarball), "-b", str(outside), "/srv/in",
+               "--bind", str(outside), "/var/run/nestbed-bind")  # fmt: skip
+    try:
+        assert s.ask("open").startswith("ok ")
+        r = s.run("cat /srv/in/in /run/nestbed-bind/in; echo written > /srv/in/out")
+        assert (r.returncode, r.stdout) == (0, "from the host\nfrom the host\n"), r.stderr
+        assert (outside / "out").read_text() == "written\n"
+        assert not os.path.exists("/run/nestbed-bind")
+        assert s.ask("revert").startswith("ok ")  # a fresh container binds it again
+        assert s.run("cat /srv/in/out").stdout == "written\n"
+        assert s.ask("close") == "ok"
+        assert s.quit()[0] == 0
+    finally:
+        s.kill()
+    assert sorted(os.listdir(outside)) == ["in", "out"]
+
+
+@pytest.mark.parametrize(
+    ("bind", "why"),
+    [
+        (["/nonexistent-nestbed", "/srv"], "/nonexistent-nestbed is not a directory"),
+        (["/tmp", "srv"], "srv must be an absolute path in the container"),
+    ],
+)
+def test_bad_bind_is_one_line(tmp_path: Path, bind: list[str], why: str) -> None:
+    fake = tmp_path / "t.tar"
+    fake.write_text("")
+    proc = protocol(["--tarball", str(fake), "--bind", *bind], "")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"nestbed-virt-unshare: --bind {' '.join(bind)}: {why}"
+    ]
+
+
+@pytest.mark.network
+def test_unpack_dir_holds_the_tree_and_goes_on_close(tarball: Path, tmp_path: Path) -> None:
+    where = tmp_path / "root"
+    s = Server("--tarball", str(tarball), "-u", str(where))
+    try:
+        assert s.ask("open").startswith("ok ")
+        s.run("echo mark > /etc/nestbed-mark")
+        assert (where / "etc" / "nestbed-mark").read_text() == "mark\n"  # the tree itself
+        assert s.ask("revert").startswith("ok ")
+        assert (where / "etc" / "os-release").exists()
+        assert not (where / "etc" / "nestbed-mark").exists()  # unpacked afresh
+        assert s.ask("close") == "ok"
+        assert s.quit()[0] == 0
+    finally:
+        s.kill()
+    assert not where.exists()
+    # an existing directory is never used (nor removed): the user's files stay
+    where.mkdir()
+    (where / "keep").write_text("")
+    proc = protocol(["--tarball", str(tarball), "--unpack-dir", str(where)], "")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"nestbed-virt-unshare: --unpack-dir {where}: already exists"
+    assert os.listdir(where) == ["keep"]
+
+
+@pytest.mark.network
+def test_prefix_names_the_unpack_directory(tarball: Path, tmp_path: Path) -> None:
+    prefix = f"{tmp_path}/mine-"
+    s = Server("--tarball", str(tarball), "--prefix", prefix)
+    try:
+        assert s.ask("open").startswith("ok ")
+        made = glob.glob(prefix + "*")
+        assert len(made) == 1 and os.path.exists(f"{made[0]}/etc/os-release")
+        s.ask("close")
+        s.quit()
+    finally:
+        s.kill()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.network
+def test_sbuild_tarball_is_used_before_building(tarball: Path, tmp_path: Path) -> None:
+    """Without --tarball: autopkgtest's and sbuild's ~/.cache/sbuild/RELEASE-ARCH.tar*."""
+    sbuild = tmp_path / "sbuild"
+    sbuild.mkdir()
+    name = f"{host_release()}-{host_arch()}.tar"
+    (sbuild / name).symlink_to(tarball)
+    proc = protocol(["-d"], "open\nclose\nquit\n", {"XDG_CACHE_HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert f"using sbuild's tarball {sbuild / name}" in proc.stderr
+    assert "mmdebstrap" not in proc.stderr
+    # the one found is the one used: a broken one fails open, naming it
+    (sbuild / name).unlink()
+    (sbuild / (name + ".zst")).write_text("not a tarball\n")
+    proc = protocol([], "open\n", {"XDG_CACHE_HOME": str(tmp_path),
+                                    "NESTBED_CACHE_DIR": str(tmp_path / "cache")})  # fmt: skip
+    assert proc.returncode == 12
+    assert f"cannot unpack {sbuild / (name + '.zst')}" in proc.stderr.strip()
+
+
+def test_sbuild_tarball_lookup(tmp_path: Path) -> None:
+    from nestbed.virt.unshare import sbuild_tarball
+
+    home = {"HOME": str(tmp_path)}
+    assert sbuild_tarball("bookworm", "amd64", home) is None
+    (tmp_path / ".cache" / "sbuild").mkdir(parents=True)
+    for n in ("bookworm-arm64.tar", "trixie-amd64.tar", "bookworm-amd64.tar.zst",
+              "bookworm-amd64.tar.gz"):  # fmt: skip
+        (tmp_path / ".cache" / "sbuild" / n).write_text("")
+    found = tmp_path / ".cache" / "sbuild" / "bookworm-amd64.tar.gz"
+    assert sbuild_tarball("bookworm", "amd64", home) == found  # the first in name order
+    xdg = tmp_path / "xdg"
+    (xdg / "sbuild").mkdir(parents=True)
+    assert sbuild_tarball("bookworm", "amd64", {**home, "XDG_CACHE_HOME": str(xdg)}) is None
+
+
+@pytest.mark.network
+@pytest.mark.autopkgtest
+def test_service_test_skipped_as_autopkgtest_skips_it(tarball: Path, tmp_path: Path) -> None:
+    """isolation-container is not claimed (no init system runs in the container): a test
+    that needs it is skipped, with the result lines and exit code of autopkgtest's unshare."""
+    if shutil.which("autopkgtest") is None:
+        pytest.skip("needs autopkgtest")
+    tree = write_package(
+        tmp_path / "pkg",
+        {
+            "service": "#!/bin/sh\nset -e\nsystemctl start nestbed-none.service\n",
+            "plain": "#!/bin/sh\necho ran\n",
+        },
+        "Tests: service\nDepends:\nRestrictions: isolation-container, needs-root\n\n"
+        "Tests: plain\nDepends:\n",
+    )
+    ours = run_nestbed("-B", f"{tree}/", "--", "unshare", "--tarball", str(tarball))
+    ref = subprocess.run(
+        ["autopkgtest", "-B", f"{tree}/", "--", "unshare", "--tarball", str(tarball)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    ref_results = [line for line in ref.stdout.splitlines() if RESULT.match(line)]
+    assert ours[1][0].startswith('service              SKIP Test restriction "isolation-'), ours
+    assert (ours[0], ours[1]) == (ref.returncode, ref_results), ref.stderr[-3000:]

@@ -53,6 +53,8 @@ class ContainerConfig:
     overlay: bool
     mountpoint: Path  # an empty directory the container mounts its tmpfs on (overlay)
     userns: bool  # map ids through /etc/subuid (needed when not root)
+    # (OUTSIDE, INSIDE): host directories bind-mounted into the container (--bind)
+    binds: tuple[tuple[str, str], ...] = ()
 
     def mode(self) -> str:
         if not self.overlay:
@@ -89,6 +91,7 @@ class Container:
             c.mode(),
             str(c.rootdir),
             str(c.mountpoint),
+            *(word for pair in c.binds for word in pair),
         ]
 
     def start(self, timeout: float = 60.0) -> None:

@@ -4,13 +4,17 @@ Run by `nestbed.container.container` as the child of ``unshare --fork --pid --mo
 with the host's Python (``-I -S``) and only the standard library, so it keeps working after
 the root has been pivoted into the container, where the host's files are gone.
 
-    python3 -I -S init.py overlay|overlay-userxattr|direct ROOTDIR MOUNTPOINT
+    python3 -I -S init.py overlay|overlay-userxattr|direct ROOTDIR MOUNTPOINT [OUTSIDE INSIDE]...
 
 ``overlay``: ROOTDIR is a pristine, never-written tree; a tmpfs is mounted on MOUNTPOINT (an
 empty directory) holding the overlay's upper and work dirs and the merged root. The tmpfs
 exists only in the container's mount namespace: when the last process of the container
 is gone, so is every write a test made, with nothing left on the host's disk.
 ``direct``: ROOTDIR is a private writable tree, used as the root itself.
+Each OUTSIDE INSIDE pair bind-mounts (recursively) the host directory OUTSIDE on INSIDE in the
+container. OUTSIDE is bound first on a staging point in the container's own /dev tmpfs; only
+after the pivot is INSIDE created and the mount moved there, so INSIDE's symlinks resolve in
+the container's tree, never in the host's.
 
 Protocol with the starter: one line ``ready HOSTPID`` on stdout once the root is set up
 (the host PID is what ``nsenter --target`` needs); on failure the setup's messages on
@@ -29,6 +33,7 @@ SETUP = r"""
 set -eu
 PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH  # pivot_root, for users without sbin in PATH
 mode=$1 rootdir=$2 mnt=$3
+shift 3
 case "$mode" in
 (overlay*)
     opts=
@@ -63,6 +68,14 @@ mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,gid=5,noexec,nosuid devpt
     "$root/dev/pts"
 ln -s pts/ptmx "$root/dev/ptmx"
 mount -t tmpfs -o mode=1777,nosuid,nodev nestbed-shm "$root/dev/shm"
+# --bind: each OUTSIDE on a staging point on the container's /dev tmpfs, moved after the pivot
+n=0
+mkdir "$root/dev/.nestbed-bind"
+for arg in "$@"; do
+    [ $((n % 2)) = 0 ] && mkdir "$root/dev/.nestbed-bind/$n" &&
+        mount --rbind "$arg" "$root/dev/.nestbed-bind/$n"
+    n=$((n + 1))
+done
 # a /proc of the container's own PID namespace (mounted from inside it)
 mount -t proc -o nosuid,nodev,noexec proc "$root/proc"
 mount --rbind /sys "$root/sys"
@@ -72,6 +85,16 @@ mount -t tmpfs -o mode=1777,nosuid,nodev nestbed-tmp "$root/tmp"
 cd "$root"
 pivot_root . .
 umount -l .
+n=0
+for arg in "$@"; do
+    if [ $((n % 2)) = 1 ]; then
+        mkdir -p "$arg" || { echo "--bind: cannot create $arg in the container" >&2; exit 1; }
+        mount --move "/dev/.nestbed-bind/$((n - 1))" "$arg"
+        rmdir "/dev/.nestbed-bind/$((n - 1))"
+    fi
+    n=$((n + 1))
+done
+rmdir /dev/.nestbed-bind
 # a name of its own (its own UTS namespace) that resolves, or sudo and others complain
 echo nestbed-unshare > /proc/sys/kernel/hostname
 echo nestbed-unshare > /etc/hostname
@@ -86,14 +109,14 @@ OVERLAY_FAILED = 3
 
 
 def main() -> int:
-    if len(sys.argv) != 4:
-        sys.stderr.write("usage: init.py MODE ROOTDIR MOUNTPOINT\n")
+    if len(sys.argv) < 4 or len(sys.argv) % 2:
+        sys.stderr.write("usage: init.py MODE ROOTDIR MOUNTPOINT [OUTSIDE INSIDE]...\n")
         return 2
-    mode, rootdir, mnt = sys.argv[1:]
+    mode, rootdir, mnt = sys.argv[1:4]
     # /proc is still the host's here, so this is our PID as the host sees it
     host_pid = int(os.readlink("/proc/self"))
     setup = subprocess.run(
-        ["sh", "-c", SETUP, "sh", mode, rootdir, mnt],
+        ["sh", "-c", SETUP, "sh", mode, rootdir, mnt, *sys.argv[4:]],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

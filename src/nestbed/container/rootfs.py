@@ -70,9 +70,20 @@ def remove(path: Path, userns: bool) -> None:
         raise _fail(f"cannot remove {path}", e) from None
 
 
-def private_root(tarball: Path, user: str, userns: bool, parent: str | None = None) -> Path:
-    """A fresh private tree in a temp dir (direct mode); the caller removes it."""
-    made = Path(tempfile.mkdtemp(prefix="nestbed-unshare.", dir=parent))
+def private_root(
+    tarball: Path, user: str, userns: bool, prefix: str | None = None, dest: Path | None = None
+) -> Path:
+    """A fresh private tree (direct mode): in dest, created here (its parent must exist),
+    else in a temp dir made as ``mkdtemp(prefix=prefix)`` (autopkgtest's --prefix); the
+    caller removes it."""
+    if dest is not None:
+        try:
+            dest.mkdir(mode=0o755)
+        except OSError as e:
+            raise ContainerError(f"cannot create {dest}: {e.strerror}") from None
+        made = dest
+    else:
+        made = Path(tempfile.mkdtemp(prefix=prefix or "nestbed-unshare.")).absolute()
     try:
         made.chmod(0o755)
         unpack(tarball, made, user, userns)

@@ -16,7 +16,7 @@ import selectors
 import socket
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -312,13 +312,16 @@ def _sink(target: BinaryIO | Sink | None, buf: bytearray) -> Sink:
     return target.write  # type: ignore[return-value]
 
 
-def safe_extract(tf: tarfile.TarFile, dest: Path) -> None:
-    """Extract with modes and symlinks kept, but nothing written outside dest.
+def safe_extract(
+    tf: tarfile.TarFile, dest: Path, members: Iterable[tarfile.TarInfo] | None = None
+) -> None:
+    """Extract (members, default all of tf) with modes and symlinks kept, but nothing written
+    outside dest. A stream archive ("r|") is extracted as it is read.
 
     (Debian 12's Python 3.11.2 has no tarfile extraction filters.)"""
     root = dest.resolve()
     directories: list[tarfile.TarInfo] = []
-    for member in tf:
+    for member in tf if members is None else members:
         name = Path(member.name)
         if name.is_absolute() or ".." in name.parts:
             raise ChannelError(f"refusing tar member outside the destination: {member.name}")

@@ -53,12 +53,26 @@ class QMPClient:
 
     @classmethod
     def connect(cls, path: Path, timeout: float = 10.0) -> QMPClient:
-        """Connect, read the greeting and leave capabilities negotiation mode."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        """Connect, read the greeting and leave capabilities negotiation mode. QEMU binds
+        the socket (the file appears) a moment before it listens: a refused connection is
+        tried again until `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(os.fspath(path))
+                break
+            except (ConnectionRefusedError, FileNotFoundError) as e:
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise QMPError(f"cannot connect to QMP at {path}: {e}") from None
+                time.sleep(0.02)
+            except OSError as e:
+                sock.close()
+                raise QMPError(f"cannot connect to QMP at {path}: {e}") from None
         client = cls(sock)
         try:
-            sock.settimeout(timeout)
-            sock.connect(os.fspath(path))
             greeting = json.loads(client._file.readline() or b"null")
             if not isinstance(greeting, dict) or "QMP" not in greeting:
                 raise QMPError(f"not a QMP greeting: {greeting!r}")

@@ -18,8 +18,10 @@ tarball into a private temp dir for each open and revert, as autopkgtest does.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar, NoReturn
 
@@ -65,16 +67,29 @@ Examples:
                 "add one (usermod --add-subuids/--add-subgids)"
                 + ("" if os.geteuid() == 0 else " or run as root")
             )
+        self.release: str = args.release or host_release()
+        self.arch: str = args.arch or host_arch()
         self.tarball: Path | None = None
         if args.tarball is not None:
             self.tarball = Path(args.tarball).absolute()
             if not self.tarball.is_file():
                 raise ServerFailure(f"tarball {args.tarball} does not exist")
-        self.release: str = args.release or host_release()
-        self.arch: str = args.arch or host_arch()
+        else:
+            self.tarball = sbuild_tarball(self.release, self.arch, os.environ)
+            if self.tarball is not None:
+                self.debug(f"using sbuild's tarball {self.tarball}")
+        self.binds: tuple[tuple[str, str], ...] = _check_binds(args.bind or [])
+        self.unpack_dir: Path | None = None
+        if args.unpack_dir is not None:
+            self.unpack_dir = Path(args.unpack_dir).absolute()
+            if os.path.lexists(self.unpack_dir):
+                raise ServerFailure(f"--unpack-dir {args.unpack_dir}: already exists")
+            if not self.unpack_dir.parent.is_dir():
+                raise ServerFailure(f"--unpack-dir {args.unpack_dir}: no such parent directory")
         self.container: Container | None = None
         self.private: Path | None = None  # direct mode: the unpacked tree we remove
-        self.unpack: bool = bool(args.unpack)
+        # an unpack directory of the user's choice means unpacking, as autopkgtest does
+        self.unpack: bool = bool(args.unpack or args.unpack_dir or args.prefix is not None)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -98,13 +113,36 @@ Examples:
             help="unpack the tarball afresh for every open and revert instead of using an "
             "overlay on a cached tree",
         )
+        parser.add_argument(
+            "-b",
+            "--bind",
+            action="append",
+            nargs=2,
+            metavar=("OUTSIDE", "INSIDE"),
+            help="bind-mount the host directory OUTSIDE on INSIDE (an absolute path in the "
+            "container, created when missing); may be repeated",
+        )
+        where = parser.add_mutually_exclusive_group()
+        where.add_argument(
+            "-p",
+            "--prefix",
+            help="prefix of the temporary unpack directory (as mkdtemp's; implies --unpack)",
+        )
+        where.add_argument(
+            "-u",
+            "--unpack-dir",
+            metavar="DIR",
+            help="unpack the tarball into DIR (must not exist; created for each open and "
+            "removed on close; implies --unpack)",
+        )
 
     def capabilities(self) -> list[str]:
         return [
             Cap.REVERT,
             Cap.REVERT_FULL_SYSTEM,
             Cap.ROOT_ON_TESTBED,
-            Cap.ISOLATION_CONTAINER,
+            # no isolation-container: PID 1 is nestbed's reaper, not an init system, so a
+            # test that starts a service would fail (autopkgtest's unshare does not claim it)
             with_value(SUGGESTED_NORMAL_USER, NORMAL_USER),
         ]
 
@@ -123,7 +161,9 @@ Examples:
             tarball = self._tarball()
             if not self.unpack:
                 tree = rootfs.shared_root(tarball, NORMAL_USER, self.userns)
-                config = ContainerConfig(tree, True, rootfs.mountpoint(), self.userns)
+                config = ContainerConfig(
+                    tree, True, rootfs.mountpoint(), self.userns, self.binds
+                )
                 try:
                     self._run(config)
                     return
@@ -132,8 +172,12 @@ Examples:
                     self.warn(f"overlay container failed, unpacking instead from now on: {e}")
                     self.unpack = True
             with self.critical():
-                self.private = rootfs.private_root(tarball, NORMAL_USER, self.userns)
-            self._run(ContainerConfig(self.private, False, self.private, self.userns))
+                self.private = rootfs.private_root(
+                    tarball, NORMAL_USER, self.userns, self.args.prefix, self.unpack_dir
+                )
+            self._run(
+                ContainerConfig(self.private, False, self.private, self.userns, self.binds)
+            )
         except NestbedError as e:
             raise ServerFailure(str(e)) from None
 
@@ -176,6 +220,29 @@ Examples:
             return "no container"
         alive = "running" if self.container.running() else "gone"
         return f"container PID 1 {self.container.pid} is {alive}"
+
+
+def sbuild_tarball(release: str, arch: str, env: Mapping[str, str]) -> Path | None:
+    """sbuild's (and autopkgtest-virt-unshare's) tarball for release and arch, when there is
+    one: ``$XDG_CACHE_HOME/sbuild/RELEASE-ARCH.t*``, else ``~/.cache/sbuild/RELEASE-ARCH.t*``;
+    the first in name order."""
+    home = env.get("HOME") or os.path.expanduser("~")
+    cache = env.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
+    found = sorted(Path(cache, "sbuild").glob(f"{glob.escape(release)}-{glob.escape(arch)}.t*"))
+    return next((p.absolute() for p in found if p.is_file()), None)
+
+
+def _check_binds(binds: list[list[str]]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for outside, inside in binds:
+        if not os.path.isdir(outside):
+            raise ServerFailure(f"--bind {outside} {inside}: {outside} is not a directory")
+        if not os.path.isabs(inside) or "\n" in inside:
+            raise ServerFailure(
+                f"--bind {outside} {inside}: {inside} must be an absolute path in the container"
+            )
+        out.append((os.path.abspath(outside), os.path.normpath(inside)))
+    return tuple(out)
 
 
 def _user() -> str:
