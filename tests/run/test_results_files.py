@@ -49,7 +49,7 @@ FIXTURES = MIXED.parent
 
 def _nestbed(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["flock", "/tmp/host-apt.lock", *nestbed_argv(), *args],
+        [*nestbed_argv(), *args],
         capture_output=True,
         text=True,
         timeout=600,

@@ -24,7 +24,7 @@ NOTE = "no shell in the testbed: stdin is not a terminal"
 @pytest.mark.parametrize("option", ["--shell", "--shell-fail"])
 def test_without_a_terminal_a_note_and_no_hang(option: str) -> None:
     p = subprocess.run(
-        ["flock", "/tmp/host-apt.lock", *nestbed_argv(), option, "-B",
+        [*nestbed_argv(), option, "-B",
          str(FIXTURES / "mixed"), "--test-name=fails-exit", "--", "null"],
         capture_output=True,
         text=True,
@@ -38,7 +38,7 @@ def test_without_a_terminal_a_note_and_no_hang(option: str) -> None:
 
 def test_shell_fail_not_run_after_a_pass() -> None:
     p = subprocess.run(
-        ["flock", "/tmp/host-apt.lock", *nestbed_argv(), "-s", "-B",
+        [*nestbed_argv(), "-s", "-B",
          str(FIXTURES / "pass-basic"), "--test-name=command1", "--", "null"],
         capture_output=True,
         text=True,
@@ -53,7 +53,7 @@ def test_shell_fail_not_run_after_a_pass() -> None:
 def test_shell_on_a_terminal_runs_in_the_tree() -> None:
     """On a terminal the shell is interactive, in the test's tree, with AUTOPKGTEST_TMP; the
     run goes on when it exits."""
-    argv = ["flock", "/tmp/host-apt.lock", *nestbed_argv(), "--shell", "-B",
+    argv = [*nestbed_argv(), "--shell", "-B",
             "--test-name=named-command", str(FIXTURES / "pass-basic"), "--", "null"]  # fmt: skip
     pid, fd = pty.fork()
     if pid == 0:  # the child: nestbed with the pty as its controlling terminal
