@@ -128,3 +128,21 @@ case "${AUTOPKGTEST_REBOOT_MARK:-}" in
         echo done ;;
 esac
 """
+
+
+def fake_image(directory: Path) -> Path:
+    """A nestbed image directory that passes every check a server makes before a boot
+    (its disk and kernel are zeros: a test of what happens before QEMU runs)."""
+    from nestbed.image.cache import Manifest
+
+    directory.mkdir()
+    manifest = Manifest(
+        name="fake", release="bookworm", arch="amd64", flavour="minimal", size=1 << 20,
+        created="2026-01-01T00:00:00+00:00", kernel_version="6.1", cmdline="console=ttyS0",
+        root_serial="nestbed-root", base_serial="nestbed-base", agent_port="org.nestbed.control",
+        sources=(), packages=(), build_seconds=1.0,
+    )  # fmt: skip
+    (directory / "manifest.json").write_text(manifest.to_json())
+    for name in ("disk.img", "vmlinuz", "initrd.img"):
+        (directory / name).write_bytes(b"\0" * 4096)
+    return directory

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests_support import fake_image
+
 SERVER = str(Path(sys.executable).parent / "nestbed-virt-qemu")
 
 
@@ -63,23 +65,6 @@ def test_default_memory_fits_a_small_machine(tmp_path: Path) -> None:
 # record shows which program ran, with which firmware, where the overlay went.
 
 FAKE_QEMU = '#!/bin/sh\necho "$0 $*" >> "$FAKE_QEMU_LOG"\nexit 1\n'
-
-
-def fake_image(directory: Path) -> Path:
-    """A nestbed image directory that passes every check made before a boot."""
-    from nestbed.image.cache import Manifest
-
-    directory.mkdir()
-    manifest = Manifest(
-        name="fake", release="bookworm", arch="amd64", flavour="minimal", size=1 << 20,
-        created="2026-01-01T00:00:00+00:00", kernel_version="6.1", cmdline="console=ttyS0",
-        root_serial="nestbed-root", base_serial="nestbed-base", agent_port="org.nestbed.control",
-        sources=(), packages=(), build_seconds=1.0,
-    )  # fmt: skip
-    (directory / "manifest.json").write_text(manifest.to_json())
-    for name in ("disk.img", "vmlinuz", "initrd.img"):
-        (directory / name).write_bytes(b"\0" * 4096)
-    return directory
 
 
 def efi_only_disk(path: Path) -> Path:

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from nestbed.image import ImagePaths
-from nestbed.image.cache import Manifest
 from nestbed.testbed.client import Testbed as Client
-from tests_support import once_more_after_a_level1_fault, open_qemu_testbed, sha256
+from tests_support import fake_image, once_more_after_a_level1_fault, open_qemu_testbed, sha256
 
 BIN = Path(sys.executable).parent
 SERVER = str(BIN / "nestbed-virt-qemu")
@@ -24,21 +23,6 @@ NESTBED = str(BIN / "nestbed")
 SMOKE = Path(__file__).parent.parent.parent / "examples" / "smoke"
 HINT = {"NESTBED_WANT_BASEIMAGE": "1"}
 NO_HINT = {"NESTBED_WANT_BASEIMAGE": "0"}
-
-
-def fake_image(directory: Path) -> Path:
-    """An image directory that passes every check made before a boot."""
-    directory.mkdir()
-    manifest = Manifest(
-        name="fake", release="bookworm", arch="amd64", flavour="minimal", size=1 << 20,
-        created="2026-01-01T00:00:00+00:00", kernel_version="6.1", cmdline="console=ttyS0",
-        root_serial="nestbed-root", base_serial="nestbed-base", agent_port="org.nestbed.control",
-        sources=(), packages=(), build_seconds=1.0,
-    )  # fmt: skip
-    (directory / "manifest.json").write_text(manifest.to_json())
-    for name in ("disk.img", "vmlinuz", "initrd.img"):
-        (directory / name).write_bytes(b"\0" * 4096)
-    return directory
 
 
 def caps_before_open(*args: str, env: dict[str, str]) -> tuple[frozenset[str], list[str]]:

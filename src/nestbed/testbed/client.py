@@ -29,6 +29,7 @@ from nestbed.testbed.protocol import (
     format_line,
     parse_exec_prefix,
     quote_word,
+    shell_script,
     unquote_word,
 )
 
@@ -622,12 +623,7 @@ class Testbed:
         self._require_open("run a shell")
         if not sys.stdin.isatty():
             return "stdin is not a terminal"
-        script = f"cd {shlex.quote(cwd)} || exit; "
-        for assignment in env:
-            script += f"export {shlex.quote(assignment)}; "
-        if "TERM" in os.environ:
-            script += f"export TERM={shlex.quote(os.environ['TERM'])}; "
-        script += "exec bash -i"
+        script = shell_script(cwd, env)
         try:
             with open("/dev/tty", "rb") as tty_in, open("/dev/tty", "wb") as tty_out:
                 proc = spawn(

@@ -64,6 +64,17 @@ def unquote_word(word: str) -> str:
     return unquote(word, errors="surrogateescape")
 
 
+def shell_script(cwd: str, env: Sequence[str]) -> str:
+    """The `sh -c` script of an interactive shell in the testbed: bash in `cwd` (none when
+    `cwd` is missing: cd says why), with the VAR=value `env` and the user's TERM."""
+    script = f"cd {shlex.quote(cwd)} || exit; "
+    for assignment in env:
+        script += f"export {shlex.quote(assignment)}; "
+    if "TERM" in os.environ:
+        script += f"export TERM={shlex.quote(os.environ['TERM'])}; "
+    return script + "exec bash -i"
+
+
 def format_line(words: Sequence[str]) -> str:
     """A command or answer line from already-quoted words (no newline)."""
     return " ".join(words)
@@ -178,12 +189,7 @@ class VirtServer:
 
     def shell(self, cwd: str, env: Sequence[str]) -> None:
         """Interactive shell on the controlling terminal, in `cwd`, with VAR=value `env`."""
-        script = f"cd {shlex.quote(cwd)}; "
-        for assignment in env:
-            script += f"export {shlex.quote(assignment)}; "
-        if "TERM" in os.environ:
-            script += f"export TERM={shlex.quote(os.environ['TERM'])}; "
-        script += "exec bash -i"
+        script = shell_script(cwd, env)
         try:
             with (
                 open("/dev/tty", "rb") as tty_in,
