@@ -21,30 +21,25 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the null testbed runs
 NOTE = "no shell in the testbed: stdin is not a terminal"
 
 
+def _without_terminal(option: str, fixture: str, test: str) -> subprocess.CompletedProcess[str]:
+    """nestbed OPTION on one test of FIXTURE on null, stdin not a terminal."""
+    return subprocess.run(
+        [*nestbed_argv(), option, "-B", str(FIXTURES / fixture), f"--test-name={test}",
+         "--", "null"],
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("option", ["--shell", "--shell-fail"])
 def test_without_a_terminal_a_note_and_no_hang(option: str) -> None:
-    p = subprocess.run(
-        [*nestbed_argv(), option, "-B",
-         str(FIXTURES / "mixed"), "--test-name=fails-exit", "--", "null"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    p = _without_terminal(option, "mixed", "fails-exit")
     assert p.returncode == 4, p.stderr
     assert "fails-exit           FAIL non-zero exit status 3" in p.stdout.splitlines()
     assert sum(NOTE in line for line in p.stderr.splitlines()) == 1, p.stderr
 
 
 def test_shell_fail_not_run_after_a_pass() -> None:
-    p = subprocess.run(
-        [*nestbed_argv(), "-s", "-B",
-         str(FIXTURES / "pass-basic"), "--test-name=command1", "--", "null"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    p = _without_terminal("-s", "pass-basic", "command1")
     assert p.returncode == 0, p.stderr
     assert "running shell" not in p.stderr
     assert NOTE not in p.stderr
