@@ -145,9 +145,12 @@ def _apt_form(text: str, arch: str) -> tuple[str, ...]:
         "use Dpkg::Deps; my $d = deps_parse($ARGV[0], reduce_arch => 1, host_arch => $ARGV[1]);"
         ' print defined $d ? $d->output() : "<unparsable>";'
     )
-    out = subprocess.run(
-        ["perl", "-e", code, text, arch], capture_output=True, text=True, check=True
-    ).stdout
+    if "\0" in text:  # cannot be an argument; apt could not parse it either
+        return ("<unparsable>",)
+    done = subprocess.run(["perl", "-e", code, text, arch], capture_output=True, text=True)
+    if done.returncode != 0:  # Dpkg::Deps dies on some garbage (a control character)
+        return ("<unparsable>",)
+    out = done.stdout
     items: list[str] = []
     for item in out.split(","):
         item = item.strip()
