@@ -364,12 +364,32 @@ def _add_timeouts(p: argparse.ArgumentParser) -> None:
             help=f"{kind} timeout (default {default})",
         )
     g.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=0,
+        metavar="T",
+        dest="global_timeout",
+        help="global timeout: the build and the tests together get T seconds from the "
+        "testbed's start; a test that reaches it FAILs (timed out) and the rest are "
+        "SKIPped (default 0: none)",
+    )
+    g.add_argument(
         "--timeout-factor",
         type=float,
         default=1.0,
         metavar="FACTOR",
         help="multiply all default timeouts by FACTOR",
     )
+
+
+def _seconds(value: str) -> int:
+    try:
+        seconds = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of seconds: {value!r}") from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"a timeout cannot be negative: {value}")
+    return seconds
 
 
 def _split_virt(argv: list[str]) -> tuple[list[str], list[str] | None]:
@@ -508,6 +528,7 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
         ),
         user=ns.user,
         timeouts=timeouts,
+        global_timeout=ns.global_timeout,
         json_file=ns.json_file,
         junit_file=ns.junit_file,
         build_parallel=ns.build_parallel,

@@ -249,8 +249,7 @@ def render(page: Page, version: str, date: str) -> str:
         sections.setdefault(name, []).extend(lines)
     title = page.name.upper()
     out = [
-        f'.TH {escape(title)} {page.section} "{date}" "nestbed {escape(version)}" '
-        '"nestbed manual"',
+        f'.TH {escape(title)} {page.section} "{date}" "nestbed {escape(version)}" "nestbed manual"',
         ".nh",  # option names and paths are never hyphenated
         ".SH NAME",
         f"{escape(page.name)} \\- {escape(page.summary)}",

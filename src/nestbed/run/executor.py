@@ -221,6 +221,7 @@ def run_test(
     console: Console,
     reboot: Callable[[], None] | None = None,
     clean_first: tuple[str, ...] = (),
+    limit: Callable[[int], tuple[int, bool]] | None = None,
 ) -> TestRun:
     """Run the test, streaming its stdout and stderr to ours while recording each.
 
@@ -229,12 +230,12 @@ def run_test(
     an emulated VM, so a test costs one. A test that calls autopkgtest-reboot MARK is killed
     by it; then `reboot` (the caller's: reboot the testbed, set it up again) runs and the
     test runs again with AUTOPKGTEST_REBOOT_MARK=MARK, its output appended, as often as it
-    asks.
+    asks. `limit` (the run's global timeout) may shorten `timeout` for each of those runs.
     """
     out, err, notes = Capture(), Capture(), bytearray()
     try:
         return _run_until_done(
-            testbed, test, env, timeout, console, reboot, clean_first, out, err, notes
+            testbed, test, env, timeout, console, reboot, clean_first, limit, out, err, notes
         )
     except BaseException:
         out.close()
@@ -250,6 +251,7 @@ def _run_until_done(
     console: Console,
     reboot: Callable[[], None] | None,
     clean_first: tuple[str, ...],
+    limit: Callable[[int], tuple[int, bool]] | None,
     out: Capture,
     err: Capture,
     notes: bytearray,
@@ -257,10 +259,13 @@ def _run_until_done(
     started = time.monotonic()
     mark = ""
     while True:
-        argv = _run_as(test, env, test_script(test, env, timeout, mark))
+        this_run, capped = limit(timeout) if limit else (timeout, False)
+        if capped:  # nothing left of the run's time (0 would mean none): time out at once
+            this_run = max(this_run, 1)
+        argv = _run_as(test, env, test_script(test, env, this_run, mark))
         if clean_first and not mark:  # a re-run after a reboot keeps the test's files
             argv = _with_cleanup(argv, clean_first)
-        returncode, stuck, run_notes = _run_once(testbed, argv, out, err, timeout, console)
+        returncode, stuck, run_notes = _run_once(testbed, argv, out, err, this_run, console)
         notes += run_notes
         if returncode in (254, 255) and not stuck:
             raise TestbedFailure(

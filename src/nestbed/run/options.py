@@ -50,6 +50,7 @@ class RunOptions:
     ignore_restrictions: frozenset[str] = frozenset()
     user: str | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
+    global_timeout: int = 0  # --timeout: the build and the tests together (run.deadline)
     json_file: str | None = None
     junit_file: str | None = None
     build_parallel: str | None = None

@@ -26,6 +26,7 @@ from nestbed.capabilities import WANT_BASEIMAGE, Cap
 from nestbed.log import DEBUG, PLAIN, Console
 from nestbed.report.results import ExitStatus, TestResult, Verdict
 from nestbed.run import build
+from nestbed.run.deadline import SKIP_REASON, RunDeadline
 from nestbed.run.lifecycle import TestbedLifecycle
 from nestbed.run.options import PackageArg, RunOptions
 from nestbed.run.outputs import RunOutputs, TestbedFacts, write_machine_results
@@ -34,8 +35,10 @@ from nestbed.run.testcase import TestCaseRunner
 from nestbed.run.tree import Limits, SourceTree, prepare
 from nestbed.signals import Interrupted, ShutdownOnSignals, die_of
 from nestbed.spec.model import TestSpec
+from nestbed.testbed.client import CommandTimeout
 
 VERSION = "0.1.0"
+
 
 def server_hints(declared: frozenset[str]) -> dict[str, str]:
     """What the virt server should know before it opens the testbed, from the restrictions
@@ -60,6 +63,8 @@ class Runner:
         # trees made in the testbed and built .debs are copied back here
         self.workdir = tempfile.mkdtemp(prefix="nestbed.work.")
         self._override_control = options.override_control
+        # autopkgtest counts the global timeout from the testbed's start, boot included
+        self.deadline = RunDeadline(options.global_timeout)
 
     def run(self) -> int:
         info = self.console.info
@@ -174,8 +179,13 @@ class Runner:
                 outputs.report("*", "SKIP no tests in this package")
             status.finish_package(had_tests=False)
         else:
-            testcases = TestCaseRunner(self.options, console, life, outputs)
+            testcases = TestCaseRunner(self.options, console, life, outputs, self.deadline)
             for test in tests:
+                if self.deadline.exceeded:
+                    outputs.record(
+                        TestResult(test.name, Verdict.SKIP, SKIP_REASON, package=tree.name)
+                    )
+                    continue
                 console.info(f"test {test.name}: preparing testbed")
                 if life.reset(test.depends):
                     # a revert took the tree away with everything else
@@ -220,6 +230,9 @@ class Runner:
                 return
             self.console.info("build needed for tests")
         life.modified = True
+        build_timeout, by_deadline = self.deadline.limit(self.options.timeouts.build)
+        if by_deadline and build_timeout <= 0:
+            raise errors.TestbedFailure("global timeout reached even before the build")
         try:
             built = build.build(
                 life.testbed,
@@ -231,10 +244,14 @@ class Runner:
                 parallel=self.options.build_parallel or life.facts.nproc or "1",
                 extra_env=self.options.env,
                 install_timeout=self.options.timeouts.install,
-                build_timeout=self.options.timeouts.build,
+                build_timeout=build_timeout,
                 wrapper=life.wrapper_path,
                 gain_root=self.options.gain_root,
             )
+        except CommandTimeout as e:
+            if by_deadline:
+                raise errors.TestbedFailure(f"global timeout reached: {e} (kind: build)") from None
+            raise
         except errors.BadPackage:
             if self.options.shell_fail:  # autopkgtest: after a failed build too
                 life.shell(tree.testbed)

@@ -13,6 +13,7 @@ from nestbed.capabilities import Cap
 from nestbed.log import Console
 from nestbed.report.results import TestResult, Verdict
 from nestbed.run import deps, executor
+from nestbed.run.deadline import RunDeadline
 from nestbed.run.lifecycle import TestbedLifecycle
 from nestbed.run.options import RunOptions
 from nestbed.run.outputs import RunOutputs
@@ -53,8 +54,10 @@ class TestCaseRunner:
         console: Console,
         testbed: TestbedLifecycle,
         outputs: RunOutputs,
+        deadline: RunDeadline | None = None,
     ) -> None:
         self.options = options
+        self.deadline = deadline or RunDeadline(0)
         self.console = console
         self.lifecycle = testbed
         self.outputs = outputs
@@ -143,11 +146,15 @@ class TestCaseRunner:
         reboot = life.reboot if life.can(Cap.REBOOT, Cap.ROOT_ON_TESTBED) else None
         # what the last test left in the scratch dir goes when this one starts
         leftovers, self._leftovers = self._leftovers, (env.artifacts_dir(test), env.tmp_dir)
+        _, by_deadline = self.deadline.limit(self.options.timeouts.test)
         run = executor.run_test(
-            tb, test, env, self.options.timeouts.test, self.console, reboot, leftovers
-        )
+            tb, test, env, self.options.timeouts.test, self.console, reboot, leftovers,
+            self.deadline.limit,
+        )  # fmt: skip
         if run.timed_out:
-            self.console.error(f'timed out on command "{shlex.join(run.argv)}" (kind: test)')
+            self.deadline.exceeded = by_deadline
+            what = "global timeout reached" if by_deadline else "timed out"
+            self.console.error(f'{what} on command "{shlex.join(run.argv)}" (kind: test)')
         self.console.info(f"test {name}: -----------------------]")
         for note in run.wrapper_notes.splitlines():
             if not note.startswith("timed-out"):

@@ -135,12 +135,12 @@ class _LineReader:
         return line + b"\n"
 
 
-
 def su_argv(user: str, command: str, *, shell: str = "/bin/sh") -> list[str]:
     """argv that runs the shell command line `command` as `user` on the testbed. The one way
     nestbed switches user there: su, as autopkgtest does, so a test gets a login session (and
     PAM's environment) as root or as the normal user alike."""
     return ["su", "-s", shell, user, "-c", command]
+
 
 class Testbed:
     """A virt server process and the testbed it gives access to.

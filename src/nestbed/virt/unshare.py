@@ -161,9 +161,7 @@ Examples:
             tarball = self._tarball()
             if not self.unpack:
                 tree = rootfs.shared_root(tarball, NORMAL_USER, self.userns)
-                config = ContainerConfig(
-                    tree, True, rootfs.mountpoint(), self.userns, self.binds
-                )
+                config = ContainerConfig(tree, True, rootfs.mountpoint(), self.userns, self.binds)
                 try:
                     self._run(config)
                     return
@@ -175,9 +173,7 @@ Examples:
                 self.private = rootfs.private_root(
                     tarball, NORMAL_USER, self.userns, self.args.prefix, self.unpack_dir
                 )
-            self._run(
-                ContainerConfig(self.private, False, self.private, self.userns, self.binds)
-            )
+            self._run(ContainerConfig(self.private, False, self.private, self.userns, self.binds))
         except NestbedError as e:
             raise ServerFailure(str(e)) from None
 
