@@ -39,6 +39,8 @@ class TestbedLifecycle:
             options.virt_server,
             debug=console.verbosity >= DEBUG,
             log=console.debug,
+            # as autopkgtest's servers write to its stderr: --show-boot's console, warnings
+            server_stderr=lambda line: console.write_stderr(line.encode() + b"\n"),
             env=server_env,
             copy_timeout=options.timeouts.copy,
         )

@@ -145,8 +145,8 @@ def su_argv(user: str, command: str, *, shell: str = "/bin/sh") -> list[str]:
 class Testbed:
     """A virt server process and the testbed it gives access to.
 
-    `log` receives debug lines (with `debug`) and every line the server writes to stderr;
-    it is called from a reader thread too. Without it, server stderr goes to ours.
+    `log` receives debug lines (with `debug`); `server_stderr` every line the server writes
+    to stderr (default: `log`, else our stderr). Both are called from a reader thread too.
     `env` adds variables to the server's environment (hints such as NESTBED_WANT_BASEIMAGE).
     `copy_timeout` is the seconds the server gives a copy: it reads them from its
     environment, as autopkgtest's servers do, and so do the exec prefix's commands, as
@@ -159,6 +159,7 @@ class Testbed:
         *,
         debug: bool = False,
         log: Callable[[str], None] | None = None,
+        server_stderr: Callable[[str], None] | None = None,
         env: Mapping[str, str] | None = None,
         copy_timeout: int | None = None,
     ) -> None:
@@ -171,6 +172,7 @@ class Testbed:
         self.env = {**(env or {}), **self._command_env}
         self.debug = debug
         self._log = log
+        self._server_stderr = server_stderr or log
         self.caps: frozenset[str] = frozenset()
         self.exec_prefix: list[str] = []
         self.normal_user: str | None = None
@@ -206,8 +208,8 @@ class Testbed:
 
     def _server_said(self, line: str) -> None:
         self._stderr_tail.append(line)
-        if self._log is not None:
-            self._log(line)
+        if self._server_stderr is not None:
+            self._server_stderr(line)
         else:
             # as autopkgtest lets its server write to the terminal
             with contextlib.suppress(OSError, ValueError):
