@@ -13,6 +13,10 @@ import pytest
 from differential.harness import REPO, RunCache
 
 PACKAGES = ("hello", "psmisc", "less")
+# Testsuite: autopkgtest-pkg-python and no debian/tests: its only test is the one autodep8
+# generates (import pyasn1), a few seconds on null.
+AUTODEP8_PACKAGE = "pyasn1"
+FETCHED = (*PACKAGES, AUTODEP8_PACKAGE)
 FETCH = REPO / "scripts" / "fetch-real-sources"
 
 
@@ -28,7 +32,7 @@ def real_sources() -> dict[str, Path]:
     if os.geteuid() != 0:
         pytest.skip("fetching sources (apt) and running tests on null need root")
     proc = subprocess.run(
-        [sys.executable, str(FETCH), "--cache-dir", str(cache_dir()), *PACKAGES],
+        [sys.executable, str(FETCH), "--cache-dir", str(cache_dir()), *FETCHED],
         capture_output=True,
         text=True,
         timeout=1800,
@@ -36,7 +40,7 @@ def real_sources() -> dict[str, Path]:
     if proc.returncode != 0:
         pytest.fail(f"scripts/fetch-real-sources failed ({proc.returncode}):\n{proc.stderr}")
     trees = dict(line.split("\t", 1) for line in proc.stdout.splitlines())
-    return {name: Path(trees[name]) for name in PACKAGES}
+    return {name: Path(trees[name]) for name in FETCHED}
 
 
 @pytest.fixture(scope="session")
