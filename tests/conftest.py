@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-# Hypothesis' per-example deadline (200 ms) measures the machine, not the code: on a loaded
-# 2-core CI machine a sound example can take a second. Timings belong in bench/.
-settings.register_profile("nestbed", deadline=None)
-settings.load_profile("nestbed")
-
 from autopkgtest_image import ensure_autopkgtest_image, missing_tools
 from nestbed.image import BuildOptions, ImagePaths, ensure_image
 from nestbed.image.cache import ImageCache
 from nestbed.image.progress import PlainProgress
+
+# Hypothesis' per-example deadline (200 ms) measures the machine, not the code: on a loaded
+# 2-core CI machine a sound example can take a second. Timings belong in bench/.
+settings.register_profile("nestbed", deadline=None)
+settings.load_profile("nestbed")
 
 
 @pytest.fixture(scope="session")
