@@ -366,3 +366,36 @@ def test_schroot_by_name_matches_autopkgtest(schroot_name: str, tmp_path: Path) 
         ["schroot", "--list", "--all-sessions"], capture_output=True, text=True, check=True
     ).stdout
     assert f"session:{schroot_name}-" not in sessions  # both runners ended theirs
+
+
+@pytest.mark.parametrize(
+    ("testbed", "server", "reason"),
+    [
+        (["schroot", "no-such-chroot"], "autopkgtest-virt-schroot",
+         "E: no-such-chroot: Chroot not found"),
+        # a network namespace of its own: nothing can listen on its 127.0.0.1
+        (["ssh", "-H", "127.0.0.1", "-p", str(SSHD_PORT), "-l", "root", "--timeout-ssh=2"],
+         "autopkgtest-virt-ssh", "Timed out on waiting for ssh connection"),
+    ],
+    ids=["schroot", "ssh"],
+)  # fmt: skip
+def test_testbed_that_cannot_start(
+    testbed: list[str], server: str, reason: str, tmp_path: Path
+) -> None:
+    """A server by name that cannot give a testbed: exit 16 and no result line, as with
+    autopkgtest; nestbed's error line names the server and says why (autopkgtest's says
+    `unexpected eof from the testbed`, the reason only in the server's stderr above it)."""
+    _skip_unless("autopkgtest", "unshare", server, why="scripts/setup installs them")
+    tree = _mixed_tree(tmp_path)
+    runs = {}
+    for program in (["autopkgtest"], nestbed_argv()):
+        p = _run(["unshare", "--net", "--", *program, "-B", str(tree), "--", *testbed])
+        runs[Path(program[0]).name] = p
+    assert [(p.returncode, _results(p.stdout)) for p in runs.values()] == [(16, [])] * 2
+    errors = [line for line in runs["nestbed"].stderr.splitlines() if ": ERROR: " in line]
+    assert len(errors) == 1, errors
+    assert re.search(
+        rf"ERROR: testbed failure: virt server {server} exited with status \d+ during `\w+': .*"
+        + re.escape(reason),
+        errors[0],
+    ), errors[0]
