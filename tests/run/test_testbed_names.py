@@ -153,15 +153,15 @@ def test_apt_release_options_match_autopkgtest(tmp_path: Path) -> None:
     )  # fmt: skip
 
 
-# What `mixed` gives on a testbed that runs everything but cannot revert the full system:
-# the SKIPs found before any test runs, then the summary, as autopkgtest prints them.
+# What `mixed` (a built tree) gives on a testbed that runs everything but cannot revert
+# the full system, as autopkgtest prints it: the summary, the SKIPs found before any test
+# ran first.
 MIXED_RESULTS = [
     "unknown-restriction  SKIP unknown restriction needs-magic-unicorn",
     "unknown-field        SKIP unknown field X-nestbed-colour",
     "unknown-field-command SKIP unknown field X-nestbed-colour",
     'breaks-testbed       SKIP Test restriction "breaks-testbed" requires testbed capability'
     ' "revert-full-system"',
-] * 2 + [
     "passes               PASS",
     "fails-exit           FAIL non-zero exit status 3",
     "fails-stderr         FAIL stderr: something went wrong",
@@ -206,8 +206,11 @@ def _seen_by_both(
 
 
 def _mixed_tree(tmp_path: Path) -> Path:
+    """The mixed fixture as a built tree: nothing to build, nor to install from the mirror
+    (for an unbuilt tree autopkgtest installs dpkg-dev where the testbed lacks it)."""
     tree = tmp_path / "mixed"
     shutil.copytree(FIXTURES / "mixed", tree)
+    (tree / "debian" / "files").write_text("")
     return tree
 
 
