@@ -314,6 +314,7 @@ def _kill_namespace(netns: str) -> None:
             continue
 
 
+@pytest.mark.autopkgtest
 def test_ssh_by_name_matches_autopkgtest(sshd: _Sshd, tmp_path: Path) -> None:
     """`-- ssh -H HOST -p PORT -l root -i KEY` runs autopkgtest-virt-ssh: over a real ssh
     connection, the same result lines, exit code, testinfo.json testbed and output files as
@@ -357,6 +358,7 @@ def schroot_name() -> Iterator[str]:
         config.unlink()
 
 
+@pytest.mark.autopkgtest
 def test_schroot_by_name_matches_autopkgtest(schroot_name: str, tmp_path: Path) -> None:
     """`-- schroot NAME` runs autopkgtest-virt-schroot: the same result lines, exit code,
     testinfo.json testbed and output files as autopkgtest gives with it; its revert is a
@@ -371,6 +373,7 @@ def test_schroot_by_name_matches_autopkgtest(schroot_name: str, tmp_path: Path) 
     assert f"session:{schroot_name}-" not in sessions  # both runners ended theirs
 
 
+@pytest.mark.autopkgtest
 @pytest.mark.parametrize(
     ("testbed", "server", "reason"),
     [
