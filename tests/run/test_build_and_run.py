@@ -262,3 +262,51 @@ def test_apt_and_build_output_go_where_autopkgtest_puts_them(program: str, tmp_p
         "can use apt-get on testbed: True",
     ):
         assert step in proc.stderr, step
+
+
+# -- an unbuilt tree's quilt patches ----------------------------------------------------------
+
+
+def _quilt_tree(root: Path, series: str) -> Path:
+    tree = write_package(
+        root,
+        {"patched": "#!/bin/sh\nset -e\ngrep -x patched greeting\n"},
+        "Tests: patched\nDepends:\n",
+    )
+    (tree / "greeting").write_text("unpatched\n")
+    with (tree / "debian" / "control").open("a") as control:
+        control.write("\nPackage: fixture\nArchitecture: all\nDescription: patched\n d\n")
+    (tree / "debian" / "rules").write_text("#!/usr/bin/make -f\n%:\n\ttrue\n")
+    (tree / "debian" / "rules").chmod(0o755)
+    (tree / "debian" / "source").mkdir()
+    (tree / "debian" / "source" / "format").write_text("3.0 (quilt)\n")
+    patches = tree / "debian" / "patches"
+    patches.mkdir()
+    (patches / "greeting.patch").write_text(
+        "--- a/greeting\n+++ b/greeting\n@@ -1 +1 @@\n-unpatched\n+patched\n"
+    )
+    (patches / "series").write_text(series)
+    return tree
+
+
+def test_a_tree_with_patches_is_tested_patched_where_the_testbed_lacks_dpkg_dev(
+    tmp_path: Path,
+) -> None:
+    """As autopkgtest: dpkg-source --before-build applies the quilt patches, dpkg-dev
+    installed first (the minimal Debian of the unshare testbed has no dpkg-source)."""
+    tree = _quilt_tree(tmp_path / "pkg", "# the one patch\ngreeting.patch\n")
+    proc = run_nestbed(tree, "unshare", "-B")
+    assert result_lines(proc.stdout) == ["patched PASS"], proc.stderr[-3000:]
+    assert proc.returncode == 0
+    assert "dpkg-source not available in the testbed, installing dpkg-dev" in proc.stderr
+    assert (tree / "greeting").read_text() == "unpatched\n"  # the user's tree is untouched
+
+
+def test_patches_to_apply_only_where_dpkg_source_would_change_the_tree(tmp_path: Path) -> None:
+    from nestbed.run.tree import has_patches_to_apply
+
+    assert has_patches_to_apply(_quilt_tree(tmp_path / "a", "greeting.patch\n"))
+    assert not has_patches_to_apply(_quilt_tree(tmp_path / "b", "# none yet\n\n"))
+    native = _quilt_tree(tmp_path / "c", "greeting.patch\n")
+    (native / "debian" / "source" / "format").write_text("3.0 (native)\n")
+    assert not has_patches_to_apply(native)

@@ -44,6 +44,28 @@ def read_name_version(tree: str) -> tuple[str, str]:
         raise BadPackage(f"{path}: cannot parse the first entry: {e}") from None
 
 
+def has_patches_to_apply(tree: str) -> bool:
+    """Would `dpkg-source --before-build` change this tree: a 3.0 (quilt) source whose
+    series names a patch. (Other formats and an empty series it leaves as they are.)"""
+    debian = os.path.join(tree, "debian")
+    if not os.access(os.path.join(debian, "rules"), os.X_OK):
+        return False
+    try:
+        with open(os.path.join(debian, "source", "format"), encoding="UTF-8") as f:
+            if f.read().strip() != "3.0 (quilt)":
+                return False
+    except OSError:
+        return False
+    for series in ("debian.series", "series"):
+        try:
+            with open(os.path.join(debian, "patches", series), encoding="UTF-8") as f:
+                lines = [line.split("#", 1)[0].strip() for line in f]
+        except OSError:
+            continue
+        return any(lines)
+    return False
+
+
 def _ensure_command(
     testbed: Testbed,
     command: str,
@@ -142,6 +164,10 @@ def _prepare(
         name, version = read_name_version(host)
         staged = f"{scratch}/ubtree-{os.path.basename(host)}"
         testbed.copydown(host + "/", staged + "/", timeout=limits.copy)
+        if has_patches_to_apply(host):
+            # autopkgtest installs dpkg-dev whenever dpkg-source is missing; only here does
+            # it change the tree (docs/autopkgtest.md)
+            _ensure_command(testbed, "dpkg-source", "dpkg-dev", console, limits)
         # a private copy, with patches applied as dpkg-source would
         tb = _create_in_testbed(
             testbed,
