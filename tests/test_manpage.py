@@ -73,9 +73,7 @@ def test_page_renders_without_warnings_and_shows_every_option(
             parsers += list(action.choices.values())
     for parser in parsers:
         for action in parser._actions:
-            if action.help is argparse.SUPPRESS or isinstance(
-                action, argparse._SubParsersAction
-            ):
+            if action.help is argparse.SUPPRESS or isinstance(action, argparse._SubParsersAction):
                 continue
             for option in action.option_strings:
                 assert option in shown, f"{page.name}: {option} missing"

@@ -59,8 +59,7 @@ _ARCH_PARSE_SKIPS = (
 )
 
 _NEEDS_INTERNET_SKIPS = tuple(
-    f'{name:<20} SKIP Test restriction "needs-internet" requires testbed capability'
-    ' "has_internet"'
+    f'{name:<20} SKIP Test restriction "needs-internet" requires testbed capability "has_internet"'
     for name in ("online-pass", "online-fail", "online-stderr")
 )
 

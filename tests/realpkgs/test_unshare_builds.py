@@ -46,6 +46,7 @@ def run_nestbed(dsc: Path, *options: str) -> subprocess.CompletedProcess[str]:
         timeout=1800,
     )
 
+
 BZIP2_TESTS = ("link-with-shared", "bigfile", "bzexe-test", "compare", "compress", "grep")
 
 

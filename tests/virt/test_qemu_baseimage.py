@@ -15,7 +15,7 @@ import pytest
 
 from nestbed.image import ImagePaths
 from nestbed.testbed.client import Testbed as Client
-from tests_support import fake_image, once_more_after_a_level1_fault, open_qemu_testbed, sha256
+from tests_support import fake_image, open_qemu_testbed, sha256
 
 BIN = Path(sys.executable).parent
 SERVER = str(BIN / "nestbed-virt-qemu")
@@ -231,47 +231,3 @@ def test_bare_disk_boots_cold_and_leaves_nothing(nestbed_image: ImagePaths, tmp_
     assert not list(private_tmp.iterdir())  # kernel, initrd, overlay: all gone
     # a bare disk never gets a saved ready state
     assert (set(states.iterdir()) if states.exists() else set()) == states_before
-
-
-# ---- the --nested image: the server inside a testbed boots its base image with KVM --------
-
-LEVEL2 = """
-import sys
-from nestbed.qemu.accel import choose
-from nestbed.testbed.client import Testbed
-print(choose("auto").describe())
-tb = Testbed(["nestbed-virt-qemu", "/lib/autopkgtest/baseimage"], log=lambda line: None)
-tb.start()
-try:
-    tb.open(timeout=600)
-    res = tb.execute(["uname", "-r"])
-    print("level2-kernel=" + res.stdout.decode().strip())
-finally:
-    tb.quit()
-"""
-
-
-@pytest.mark.vm
-def test_level2_boots_from_the_exported_base_image_with_kvm(nested_image: ImagePaths) -> None:
-    def boot_level2() -> tuple[set[str], str, bytes]:
-        tb = Client(
-            [SERVER, "--baseimage", str(nested_image.directory)],
-            log=lambda _line: None,
-            env=NO_HINT,
-        )
-        tb.start()
-        try:
-            tb.open(timeout=600)
-            res = tb.execute(["python3", "-c", LEVEL2], timeout=900)
-            out = res.stdout.decode()
-            assert res.returncode == 0, (out, res.stderr.decode()[-2000:])
-            left = tb.execute(["sh", "-c", "ls -d /tmp/nestbed-qemu-* /tmp/nestbed-bare-* || true"])
-            return set(tb.caps), out, left.stdout
-        finally:
-            tb.quit()
-
-    caps, out, left = once_more_after_a_level1_fault(boot_level2)
-    assert {"baseimage", "nested-kvm"} <= caps
-    assert "using KVM (-cpu host)" in out, out
-    assert f"level2-kernel={nested_image.manifest.kernel_version}" in out, out
-    assert left == b"", left

@@ -236,8 +236,9 @@ def test_autopkgtest_drives_the_server(nestbed_image: ImagePaths, tmp_path: Path
 
 @pytest.mark.autopkgtest
 def test_autopkgtest_reboot_marks(nestbed_image: ImagePaths, tmp_path: Path) -> None:
-    """needs-reboot through autopkgtest's runner: each mark re-runs the test once, after a
-    real reboot, with the tree and the artifacts kept."""
+    """needs-reboot through autopkgtest's runner: the mark re-runs the test once, after a
+    real reboot, with the tree and the artifacts kept. (One reboot: a second one is the
+    same path in the server; nestbed's runner does two in tests/run/test_reboot.py.)"""
     if shutil.which("autopkgtest") is None:
         pytest.skip("autopkgtest is not installed")
     script = (
@@ -246,9 +247,7 @@ def test_autopkgtest_reboot_marks(nestbed_image: ImagePaths, tmp_path: Path) -> 
         'echo "run ${AUTOPKGTEST_REBOOT_MARK:-start}" >> "$AUTOPKGTEST_ARTIFACTS/runs"\n'
         'case "${AUTOPKGTEST_REBOOT_MARK:-}" in\n'
         '  "") echo "$boot" > "$AUTOPKGTEST_ARTIFACTS/boot0"; /tmp/autopkgtest-reboot m1 ;;\n'
-        '  m1) test "$boot" != "$(cat "$AUTOPKGTEST_ARTIFACTS/boot0")";'
-        " /tmp/autopkgtest-reboot m2 ;;\n"
-        "  m2) echo done ;;\n"
+        '  m1) test "$boot" != "$(cat "$AUTOPKGTEST_ARTIFACTS/boot0")"; echo done ;;\n'
         "esac\n"
     )
     pkg = make_package(tmp_path / "pkg", {"reboots": script})
@@ -263,7 +262,7 @@ def test_autopkgtest_reboot_marks(nestbed_image: ImagePaths, tmp_path: Path) -> 
     assert "reboots PASS" in results(proc.stdout), proc.stderr[-3000:]
     assert proc.returncode == 0
     runs = (out / "artifacts" / "runs").read_text().split("\n")
-    assert runs == ["run start", "run m1", "run m2", ""]
+    assert runs == ["run start", "run m1", ""]
 
 
 def test_show_boot_puts_the_console_on_stderr_and_the_run_passes(

@@ -552,7 +552,7 @@ def test_source_by_name_with_apt_upgrade_agrees_with_autopkgtest(tarball: Path) 
 
 
 _SETUP_PROBE = (
-    "#!/bin/sh\nset -e\nuser=$(cat /run/autopkgtest-normal-user)\nid -nG \"$user\"\n"
+    '#!/bin/sh\nset -e\nuser=$(cat /run/autopkgtest-normal-user)\nid -nG "$user"\n'
     "grep -rh NOPASSWD /etc/sudoers.d/\n"
 )
 
