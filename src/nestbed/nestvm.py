@@ -38,9 +38,10 @@ import tty
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NoReturn
 
-from nestbed import log
+from nestbed import log, nestinstall
 from nestbed.errors import NestbedError
 from nestbed.proc import Process, TimeoutExpired, stop
 from nestbed.signals import Interrupted, ShutdownOnSignals
@@ -89,6 +90,7 @@ class Options:
     qemu_options: str
     copy_in: tuple[Copy, ...]
     copy_out: tuple[Copy, ...]
+    install: tuple[str, ...]
     show_boot: bool
     verbose: bool
     debug: bool
@@ -157,6 +159,11 @@ def _parser() -> argparse.ArgumentParser:
         help="copy a file or directory out of the VM after the command (repeatable)",
     )  # fmt: skip
     parser.add_argument(
+        "--install", action="append", default=[], metavar="PKG[,PKG...]",
+        help="install these packages in the VM before the command, with the dependencies it "
+        "lacks, fetched by this machine's apt (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
         "--qemu-options", default="", metavar="OPTS", help="extra QEMU options (one string)"
     )
     parser.add_argument(
@@ -194,6 +201,10 @@ def parse_args(argv: Sequence[str]) -> Options:
         shlex.split(args.qemu_options)
     except ValueError as e:
         raise Failed(f"--qemu-options: {e}") from None
+    try:
+        install = nestinstall.check_names(args.install)
+    except nestinstall.InstallError as e:
+        raise Failed(str(e)) from None
     return Options(
         image=image,
         image_origin=origin,
@@ -205,6 +216,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         qemu_options=args.qemu_options,
         copy_in=tuple(args.copy_in),
         copy_out=tuple(args.copy_out),
+        install=tuple(install),
         show_boot=args.show_boot,
         verbose=args.verbose or args.debug,
         debug=args.debug,
@@ -319,6 +331,37 @@ class NestedVM:
             raise Failed(f"{flag} {spec.src}:{spec.dst} failed: {e}") from None
         self.say(f"{what}: done")
 
+    def install(self, tb: Testbed) -> None:
+        """--install: apt here fetches what the VM lacks; dpkg in the VM installs it."""
+        what = f"installing {' '.join(self.opts.install)}"
+        assert self.tmp is not None
+        work = tempfile.mkdtemp(prefix="install-", dir=self.tmp)
+        try:
+            status = tb.execute(["cat", "/var/lib/dpkg/status"], timeout=self.remaining(what))
+            if status.returncode != 0:
+                raise Failed(f"--install: cannot read the VM's dpkg status: {status.stderr!r}")
+            debs = nestinstall.download(
+                list(self.opts.install), status.stdout, Path(work), self.remaining(what)
+            )
+            self.say(f"{what}: {len(debs)} package(s) to copy into the VM")
+            if not debs:
+                return
+            guest = nestinstall.GUEST_DIR
+            tb.copydown(str(debs[0].parent) + "/", guest + "/", timeout=self.remaining(what))
+            res = tb.execute(["sh", "-c", nestinstall.INSTALL_SCRIPT], timeout=self.remaining(what))
+            if res.returncode != 0:
+                out = (res.stdout + res.stderr).decode(errors="replace").strip().splitlines()
+                raise Failed(f"--install: dpkg in the VM failed: {' | '.join(out[-3:])}")
+        except nestinstall.InstallError as e:
+            raise Failed(str(e)) from None
+        except (NestbedError, TimeoutExpired) as e:
+            if time.monotonic() >= self.deadline:
+                raise DeadlineReached(what) from None
+            raise Failed(f"--install failed: {e}") from None
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        self.say(f"{what}: done")
+
     def guest_kind(self, tb: Testbed, path: str, what: str) -> str | None:
         """'dir', 'file' or None (missing): asked first, as a copy of a missing path
         from the VM would take the testbed down."""
@@ -371,6 +414,8 @@ class NestedVM:
 
     def run(self) -> int:
         tb = self.boot()
+        if self.opts.install:
+            self.install(tb)
         for spec in self.opts.copy_in:
             self.copy(tb, spec, down=True)
         status = self.run_command(tb)

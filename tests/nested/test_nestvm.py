@@ -106,6 +106,7 @@ def test_no_image_at_all_points_at_the_restriction(vm_tmp: Path) -> None:
         (["--copy-in", "nocolon", "true"], "'nocolon' is not FROM:TO"),
         (["--copy-in", "/nonexistent/x:/root/x", "true"], "--copy-in /nonexistent/x: no such"),
         (["--ram-size", "64", "true"], "--ram-size must be at least 128"),
+        (["--install", "hello,Bad_Name", "true"], "--install: 'Bad_Name' is not a package name"),
     ],
 )
 def test_bad_usage_is_one_line(vm_tmp: Path, args: list[str], says: str) -> None:
@@ -137,20 +138,22 @@ def test_an_image_that_does_not_boot_is_one_line(vm_tmp: Path) -> None:
 
 
 @pytest.mark.vm
-def test_status_output_and_copies(nestbed_image: ImagePaths, vm_tmp: Path) -> None:
+def test_status_output_copies_and_install(nestbed_image: ImagePaths, vm_tmp: Path) -> None:
+    """--install hello: the image lacks it; this machine's apt fetches it, the VM has it."""
     host = vm_tmp.parent
     (host / "in.txt").write_text("from the caller\n")
     script = (
-        "cat /root/in.txt; mkdir /root/out; uname -r > /root/out/kernel; echo to-stderr >&2; exit 3"
+        "cat /root/in.txt; hello; mkdir /root/out; uname -r > /root/out/kernel;"
+        " echo to-stderr >&2; exit 3"
     )
     res = subprocess.run(
         [nestbed_vm(), "--image", str(nestbed_image.directory), "--timeout", "600",
          "--copy-in", f"{host / 'in.txt'}:/root/in.txt", "--copy-out", f"/root/out:{host / 'out'}",
-         "--", "sh", "-c", script],
+         "--install", "hello", "--", "sh", "-c", script],
         capture_output=True, text=True, env=_env(vm_tmp), timeout=900,
     )  # fmt: skip
     assert res.returncode == 3, res.stderr
-    assert res.stdout == "from the caller\n"
+    assert res.stdout == "from the caller\nHello, world!\n"
     assert res.stderr == "to-stderr\n"  # nothing of nestbed-vm's own: tests fail on stderr
     assert (host / "out" / "kernel").read_text() == nestbed_image.manifest.kernel_version + "\n"
     assert_nothing_left(vm_tmp)

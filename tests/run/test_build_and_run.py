@@ -305,8 +305,8 @@ def test_a_tree_with_patches_is_tested_patched_where_the_testbed_lacks_dpkg_dev(
 def test_patches_to_apply_only_where_dpkg_source_would_change_the_tree(tmp_path: Path) -> None:
     from nestbed.run.tree import has_patches_to_apply
 
-    assert has_patches_to_apply(_quilt_tree(tmp_path / "a", "greeting.patch\n"))
-    assert not has_patches_to_apply(_quilt_tree(tmp_path / "b", "# none yet\n\n"))
+    assert has_patches_to_apply(str(_quilt_tree(tmp_path / "a", "greeting.patch\n")))
+    assert not has_patches_to_apply(str(_quilt_tree(tmp_path / "b", "# none yet\n\n")))
     native = _quilt_tree(tmp_path / "c", "greeting.patch\n")
     (native / "debian" / "source" / "format").write_text("3.0 (native)\n")
-    assert not has_patches_to_apply(native)
+    assert not has_patches_to_apply(str(native))
