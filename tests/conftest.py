@@ -68,10 +68,10 @@ def _cached_image(options: BuildOptions) -> ImagePaths:
     return ensure_image(options, cache=ImageCache(), progress=PlainProgress())
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_itemcollected(item: pytest.Item) -> None:
     """With `-n 2 --dist loadgroup` (README's test command) the VM tests run one after the
     other on one worker -- two emulated guests at once would only share the same two cores
-    and time out -- while the other worker takes the tests that need no VM."""
-    for item in items:
-        if item.get_closest_marker("vm") is not None:
-            item.add_marker(pytest.mark.xdist_group("vm"))
+    and time out -- while the other worker takes the tests that need no VM. (Marked as each
+    test is collected: xdist reads the groups in its own pytest_collection_modifyitems.)"""
+    if item.get_closest_marker("vm") is not None:
+        item.add_marker(pytest.mark.xdist_group("vm"))
