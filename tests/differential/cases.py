@@ -47,6 +47,18 @@ _MIXED_PARSE_SKIPS = (
     ' "revert-full-system"',
 )
 
+# what the tests of `mixed` give when run, in the control file's order
+MIXED_RUN_RESULTS = (
+    "passes               PASS",
+    "fails-exit           FAIL non-zero exit status 3",
+    "fails-stderr         FAIL stderr: something went wrong",
+    "allowed-stderr       PASS",
+    "skips                SKIP exit status 77 and marked as skippable",
+    "exit77-not-skippable FAIL non-zero exit status 77",
+    "flaky-fails          FLAKY non-zero exit status 1",
+    "superficial-passes   PASS (superficial)",
+)
+
 _ARCH_PARSE_SKIPS = (
     "arch-positive-mismatch SKIP Test lists explicitly supported architectures, but the"
     " current architecture {arch} isn't listed.",
@@ -109,14 +121,7 @@ CASES = (
         (
             *_MIXED_PARSE_SKIPS,
             *_MIXED_PARSE_SKIPS,
-            "passes               PASS",
-            "fails-exit           FAIL non-zero exit status 3",
-            "fails-stderr         FAIL stderr: something went wrong",
-            "allowed-stderr       PASS",
-            "skips                SKIP exit status 77 and marked as skippable",
-            "exit77-not-skippable FAIL non-zero exit status 77",
-            "flaky-fails          FLAKY non-zero exit status 1",
-            "superficial-passes   PASS (superficial)",
+            *MIXED_RUN_RESULTS,
         ),
         (
             *_STANDARD_FILES,

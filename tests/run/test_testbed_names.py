@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from differential.cases import MIXED_RUN_RESULTS
 from tests_support import nestbed_argv
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "packages"
@@ -162,14 +163,7 @@ MIXED_RESULTS = [
     "unknown-field-command SKIP unknown field X-nestbed-colour",
     'breaks-testbed       SKIP Test restriction "breaks-testbed" requires testbed capability'
     ' "revert-full-system"',
-    "passes               PASS",
-    "fails-exit           FAIL non-zero exit status 3",
-    "fails-stderr         FAIL stderr: something went wrong",
-    "allowed-stderr       PASS",
-    "skips                SKIP exit status 77 and marked as skippable",
-    "exit77-not-skippable FAIL non-zero exit status 77",
-    "flaky-fails          FLAKY non-zero exit status 1",
-    "superficial-passes   PASS (superficial)",
+    *MIXED_RUN_RESULTS,
 ]
 
 
