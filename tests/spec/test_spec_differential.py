@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from spec_helpers import (
     Verdict,
@@ -289,6 +289,9 @@ def _unknown_fields_alike(verdict: Verdict) -> Verdict:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(text=st.one_of(field_soup(), mutated_real().map(lambda b: b.decode("utf-8", "replace"))))
+# seen in CI: autopkgtest crashes on a NUL; Dpkg::Deps dies on a control character
+@example(text="Architecture:\x00\nTests:a\n")
+@example(text="Tests: smoke\nDepends: coreutils | busybox [\x01linux-any]\n")
 def test_agrees_on_garbled_controls(source: Path, text: str) -> None:
     control = write_control(source, text)
     try:
@@ -299,7 +302,13 @@ def test_agrees_on_garbled_controls(source: Path, text: str) -> None:
         ours_error: InvalidControl | None = e
     else:
         ours_error = None
-    theirs = autopkgtest_verdict(source, control, "amd64", frozenset())
+    try:
+        theirs = autopkgtest_verdict(source, control, "amd64", frozenset())
+    except ValueError as e:
+        # autopkgtest itself crashes: a NUL in a field reaches a subprocess argument
+        # ("embedded null byte"). Nothing to compare; ours answered above without a crash.
+        assert "null byte" in str(e), (text, e)
+        return
     ours = nestbed_verdict(source, control, "amd64", frozenset())
     if ours.invalid and not theirs.invalid:
         # We check every alternative of a Depends item; autopkgtest stops at the first
