@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -19,6 +20,7 @@ import pytest
 
 from nestbed.guest import frameclient
 from nestbed.guest.agent import OUTPUT_WINDOW, FrameType
+from nestbed.qemu import mux as mux_module
 from nestbed.qemu.execclient import helper_argv
 from nestbed.qemu.mux import BUFFER_LIMIT, Mux, MuxTimeout
 
@@ -143,6 +145,100 @@ def test_agent_gone_means_255(rig: Rig) -> None:
         time.sleep(0.05)
     rc, _, err = rig.helper("true")
     assert rc == 255 and b"testbed" in err
+
+
+def _wait_for_pid(pidfile: Path) -> int:
+    deadline = time.monotonic() + 10
+    while not pidfile.exists() or not pidfile.read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return int(pidfile.read_text())
+
+
+def test_a_wedged_agent_ends_the_running_command(
+    rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent that stops answering (a stuck guest) ends what runs as a lost testbed,
+    after the keep-alive's timeout, not the command's own."""
+    monkeypatch.setattr(mux_module, "PROBE_INTERVAL", 0.2)
+    monkeypatch.setattr(mux_module, "PROBE_TIMEOUT", 2.0)
+    pidfile = tmp_path / "pid"
+    running = subprocess.Popen(
+        [*rig.prefix(), "sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"],
+        stderr=subprocess.PIPE,
+    )
+    command = _wait_for_pid(pidfile)
+    try:
+        time.sleep(1)  # probes answered: a live agent is left alone
+        assert running.poll() is None and rig.mux.dead is None
+        (tmp_path / "console.log").write_bytes(b"[  9.1] watchdog: BUG: soft lockup - CPU#0\n")
+        os.kill(rig.agent.pid, signal.SIGSTOP)
+        _, err = running.communicate(timeout=15)
+        assert running.returncode == 255
+        assert b"has not answered for 2 s" in err
+        assert b"console ends: [  9.1] watchdog: BUG: soft lockup" in err  # what it last said
+        assert rig.helper("true")[0] == 255  # the testbed stays lost
+    finally:
+        os.kill(rig.agent.pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(command, signal.SIGKILL)
+
+
+def test_a_restarted_agent_ends_the_running_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test that kills the agent: systemd starts a new one on the same port, which knows
+    nothing of the streams that ran. The keep-alive finds that out, and the testbed is lost."""
+    monkeypatch.setattr(mux_module, "PROBE_INTERVAL", 0.2)
+    host, port = socket.socketpair()  # `port` stays open here, as the guest's port would
+
+    def start_agent() -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "nestbed.guest.agent", "--fd", str(port.fileno())]
+        return subprocess.Popen(argv, pass_fds=[port.fileno()])
+
+    first = start_agent()
+    mux = Mux(host, tmp_path / "exec.sock")
+    mux.start()
+    second: subprocess.Popen[bytes] | None = None
+    command = 0
+    try:
+        mux.hello(10)
+        pidfile = tmp_path / "pid"
+        running = subprocess.Popen(
+            [*helper_argv(str(tmp_path / "exec.sock")), "sh", "-c",
+             f"echo $$ > {pidfile}; exec sleep 60"],
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        command = _wait_for_pid(pidfile)
+        time.sleep(1)
+        assert running.poll() is None and mux.dead is None
+        first.kill()
+        first.wait()
+        second = start_agent()
+        _, err = running.communicate(timeout=15)
+        assert running.returncode == 255
+        assert b"the guest agent was restarted while a test ran" in err
+    finally:
+        mux.stop()
+        host.close()
+        port.close()
+        for agent in (first, second):
+            if agent is not None:
+                agent.kill()
+                agent.wait()
+        with contextlib.suppress(ProcessLookupError):
+            if command:
+                os.kill(command, signal.SIGKILL)
+
+
+def test_a_finished_stream_is_not_mistaken_for_a_restart(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Probes that cross a stream's EXIT (the agent answers: unknown stream) are harmless."""
+    monkeypatch.setattr(mux_module, "PROBE_INTERVAL", 0.0)  # a probe at every turn
+    for _ in range(20):
+        assert rig.helper("sh", "-c", "sleep 0.05")[0] == 0
+    assert rig.mux.dead is None
 
 
 def test_console_panic_kills_the_channel(rig: Rig, tmp_path: Path) -> None:

@@ -275,7 +275,17 @@ class Agent:
             reply = frame.payload[:NONCE_SIZE].ljust(NONCE_SIZE, b"\0")
             self.send(encode(FrameType.HELLO_REPLY, stream, reply + json.dumps(info).encode()))
         elif t == FrameType.PING:
-            self.send(encode(FrameType.PONG, stream, frame.payload))
+            if stream != 0 and stream not in self.sessions:
+                # the host's keep-alive asks after a stream it started: one this agent never
+                # had was an earlier agent's (this one was restarted: killed, or crashed)
+                message = f"stream {stream} is unknown to this agent (was it restarted?)"
+                self.send(
+                    encode_json(
+                        FrameType.ERROR, stream, {"message": message, "unknown_stream": True}
+                    )
+                )
+            else:
+                self.send(encode(FrameType.PONG, stream, frame.payload))
         elif t in (FrameType.EXEC, FrameType.PUT, FrameType.GET):
             if stream == 0 or stream in self.sessions:
                 raise RequestError(f"stream {stream} is zero or already in use")

@@ -15,6 +15,11 @@ over one port.
   killing an exec helper kills the command in the guest.
 - When the channel breaks (QEMU died) or the console shows a kernel panic, the multiplexer
   is `dead`: every client is disconnected (helpers exit 255) and new ones are refused.
+- While anything runs in the guest, a keep-alive asks the agent after its oldest stream
+  every `PROBE_INTERVAL` s (a PING on that stream). An agent that does not know the stream
+  was restarted (killed by a test, or crashed: what ran is gone); one that answers nothing
+  for `PROBE_TIMEOUT` s is wedged. Either way the multiplexer is dead: a lost testbed ends
+  the test in a minute, not at its timeout.
 - Output is flow-controlled per stream: an agent that offers an output window (its HELLO
   reply says `output_window`) gets it back as the multiplexer hands the output on (to a
   helper's socket, or to an in-process request's writer), so the memory held here is at
@@ -54,10 +59,13 @@ from nestbed.guest.frameclient import (
     Writer,
     output_window,
 )
+from nestbed.qemu.machine import tail_lines
 
 PANIC_MARKERS = (b"Kernel panic - not syncing", b"---[ end Kernel panic")
 # bytes waiting for slow clients above which an agent without output windows is not read
 BUFFER_LIMIT = 8 << 20
+PROBE_INTERVAL = 5.0  # seconds between keep-alive probes while streams run
+PROBE_TIMEOUT = 45.0  # an agent silent this long after a probe is wedged
 _FORWARDED = (FrameType.EXEC, FrameType.PUT, FrameType.GET)
 _OUTPUT = (FrameType.STDOUT, FrameType.STDERR)
 _LAST = (FrameType.EXIT, FrameType.ERROR)
@@ -150,6 +158,9 @@ class Mux:
         self._hello_next = 0.0
         self._hello_reply: dict[str, Any] | None = None
         self._hello_done = threading.Event()
+        # keep-alive: when the next probe is due, since when one is unanswered
+        self._probe_next = 0.0
+        self._probe_since: float | None = None
 
     # -- main-thread API ----------------------------------------------------------------
     def start(self) -> None:
@@ -308,6 +319,7 @@ class Mux:
             while not self._stopping:
                 self._maybe_hello()
                 self._take_requests()
+                self._keep_alive()
                 self._update_interest()
                 for key, events in self._sel.select(0.5):
                     tag = key.data
@@ -375,6 +387,32 @@ class Mux:
             self._hello_next = now + 1.0
         self._agent_out += self._hello.frame()
 
+    def _keep_alive(self) -> None:
+        now = time.monotonic()
+        watching = (
+            self.dead is None
+            and self._routes
+            and not self._hello_wanted  # a boot or reset: hello has its own timeout
+            and self._agent_events & selectors.EVENT_READ  # replies can be read
+        )
+        if not watching:
+            self._probe_since = None
+            self._probe_next = now + PROBE_INTERVAL
+            return
+        if self._probe_since is not None and now - self._probe_since > PROBE_TIMEOUT:
+            console = self._console_tail()
+            self._die(
+                f"the guest agent has not answered for {PROBE_TIMEOUT:g} s "
+                "(the guest hangs, or its kernel is stuck)"
+                + (f"; console ends: {console}" if console else "")
+            )
+        elif now >= self._probe_next:
+            oldest = next(iter(self._routes))
+            self._agent_out += encode(FrameType.PING, oldest)
+            self._probe_next = now + PROBE_INTERVAL
+            if self._probe_since is None:
+                self._probe_since = now
+
     def _die(self, why: str) -> None:
         if self.dead is None:
             self.dead = why
@@ -426,6 +464,16 @@ class Mux:
                     self._on_hello_reply(frame)
                 continue
             route = self._routes.get(frame.stream)
+            if frame.type == FrameType.PONG or _unknown_stream(frame):
+                self._probe_since = None  # a keep-alive answered: the agent is alive
+                if route is not None and frame.type != FrameType.PONG:
+                    self._die(
+                        "the guest agent was restarted while a test ran: it was killed "
+                        "(a kill of every process, or of agent.py?) or crashed, and what "
+                        "ran in the guest is gone"
+                    )
+                    return
+                continue
             if route is None:
                 continue
             client, cs = route
@@ -617,6 +665,16 @@ class Mux:
             self._deliver(c, FrameType.ERROR, cs, _message(f"frame type {t} not allowed"))
 
     # -- console ------------------------------------------------------------------------
+    def _console_tail(self) -> str:
+        if self._console is None:
+            return ""
+        try:
+            with open(self._console, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 8192))
+                return tail_lines(f.read().decode("utf-8", "replace"), 5)
+        except OSError:
+            return ""
+
     def _check_console(self) -> None:
         if self._console is None or self.dead is not None:
             return
@@ -639,3 +697,13 @@ class Mux:
 def _message(text: str) -> bytes:
     """An ERROR frame's payload."""
     return json.dumps({"message": text}).encode()
+
+
+def _unknown_stream(frame: Frame) -> bool:
+    """The agent's answer to a keep-alive about a stream it never had."""
+    if frame.type != FrameType.ERROR or b"unknown_stream" not in frame.payload:
+        return False
+    try:
+        return json.loads(frame.payload).get("unknown_stream") is True
+    except (ValueError, AttributeError):
+        return False
