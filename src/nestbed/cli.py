@@ -174,6 +174,15 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
         help="tests with the needs-internet restriction: run them (default), try them (a "
         "non-zero exit is SKIP, not FAIL) or skip them",
     )
+    g.add_argument(
+        "--kernel-warnings",
+        choices=("report", "fail"),
+        default="report",
+        help="in a testbed with its own kernel (a VM), the kernel's problem reports logged "
+        "during a test (Oops, BUG, WARNING, panic, hung task, RCU stall, lockdep, KASAN, "
+        "UBSAN) are logged and recorded (--json: kernel_warnings); 'fail' also makes a "
+        "test that passed FAIL with the first of them as the reason (default: report)",
+    )
 
 
 def _add_logging(p: argparse.ArgumentParser) -> None:
@@ -535,6 +544,7 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
         setup=setup,
         auto_control=ns.auto_control,
         needs_internet=ns.needs_internet,
+        kernel_warnings=ns.kernel_warnings,
         override_control=ns.override_control,
         validate=ns.validate,
         gain_root=ns.gain_root,

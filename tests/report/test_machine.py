@@ -11,7 +11,14 @@ from nestbed.report.machine import write_json, write_junit
 from nestbed.report.results import TestResult, Verdict
 
 RESULTS = [
-    TestResult("ok", Verdict.PASS, package="p", duration=1.25, restrictions=("needs-root",)),
+    TestResult(
+        "ok",
+        Verdict.PASS,
+        package="p",
+        duration=1.25,
+        restrictions=("needs-root",),
+        kernel_warnings=("WARNING: CPU: 0 PID: 1 at x.c:1 f+0x0/0x1",),
+    ),
     TestResult("bad", Verdict.FAIL, "non-zero exit status 2", package="p", stderr=b"boom\x1b\n"),
     TestResult("maybe", Verdict.SKIP, "unknown restriction x", package="p"),
     TestResult("flake", Verdict.FLAKY, "stderr: hm", package="p"),
@@ -32,6 +39,8 @@ def test_json_has_one_record_per_test(tmp_path: Path) -> None:
     ]
     assert records[0]["duration"] == 1.25
     assert records[0]["restrictions"] == ["needs-root"]
+    assert records[0]["kernel_warnings"] == ["WARNING: CPU: 0 PID: 1 at x.c:1 f+0x0/0x1"]
+    assert records[1]["kernel_warnings"] is None  # not watched (no VM)
 
 
 def test_junit_counts_failures_and_skips(tmp_path: Path) -> None:

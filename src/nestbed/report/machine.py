@@ -31,8 +31,9 @@ def write_json(
     exit_code: int | None = None,
     error: RunError | None = None,
 ) -> None:
-    """One record per test: name, verdict, reason, duration, restrictions; the run's exit
-    code and the error that ended it (null when none did)."""
+    """One record per test: name, verdict, reason, duration, restrictions, kernel warnings
+    (null where the kernel log was not watched); the run's exit code and the error that
+    ended it (null when none did)."""
     records = [
         {
             "package": r.package,
@@ -43,6 +44,7 @@ def write_json(
             "superficial": r.superficial,
             "duration": round(r.duration, 3),
             "restrictions": list(r.restrictions),
+            "kernel_warnings": None if r.kernel_warnings is None else list(r.kernel_warnings),
         }
         for r in results
     ]

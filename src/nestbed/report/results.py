@@ -31,6 +31,8 @@ class TestResult:
     restrictions: tuple[str, ...] = ()
     stdout: bytes = b""
     stderr: bytes = b""
+    # the kernel's problem reports logged while it ran (run.kernlog); None: not watched
+    kernel_warnings: tuple[str, ...] | None = None
 
     def text(self) -> str:
         if self.verdict is Verdict.PASS:

@@ -12,7 +12,7 @@ from nestbed import errors
 from nestbed.capabilities import Cap
 from nestbed.log import Console
 from nestbed.report.results import TestResult, Verdict
-from nestbed.run import deps, executor
+from nestbed.run import deps, executor, kernlog
 from nestbed.run.deadline import RunDeadline
 from nestbed.run.lifecycle import TestbedLifecycle
 from nestbed.run.options import RunOptions
@@ -63,6 +63,7 @@ class TestCaseRunner:
         self.outputs = outputs
         # the last test's artifacts and AUTOPKGTEST_TMP, removed when the next test starts
         self._leftovers: tuple[str, ...] = ()
+        self._kernel_unreadable = False
 
     def run(self, tree: SourceTree, test: TestSpec, blamed: Sequence[str]) -> None:
         """Run `test` in `tree` on a testbed `TestbedLifecycle.reset` made ready for it."""
@@ -147,6 +148,7 @@ class TestCaseRunner:
         # what the last test left in the scratch dir goes when this one starts
         leftovers, self._leftovers = self._leftovers, (env.artifacts_dir(test), env.tmp_dir)
         _, by_deadline = self.deadline.limit(self.options.timeouts.test)
+        kernel_mark = self._kernel_mark()
         run = executor.run_test(
             tb, test, env, self.options.timeouts.test, self.console, reboot, leftovers,
             self.deadline.limit,
@@ -161,6 +163,7 @@ class TestCaseRunner:
                 self.console.info(f"test {name}: {note}")
         self.console.info(f"test {name}:  - - - - - - - - - - results - - - - - - - - - -")
         result = self._needs_internet_try(test, run, executor.decide(test, run, tree.name))
+        result = self._kernel_check(result, kernel_mark)
         self.outputs.record(result)
         if run.stderr and not test.has("allow-stderr") and not run.timed_out:
             self.console.info(f"test {name}:  - - - - - - - - - - stderr - - - - - - - - - -")
@@ -179,6 +182,32 @@ class TestCaseRunner:
             self._save_outputs(test, env, run, baseline)
         finally:
             run.close()
+
+    def _kernel_mark(self) -> int | None:
+        """Where the kernel log stands before a test, in a testbed with a kernel of its own
+        that root can read (None: the kernel is not watched)."""
+        life = self.lifecycle
+        if not life.can(Cap.ISOLATION_MACHINE, Cap.ROOT_ON_TESTBED):
+            return None
+        found = kernlog.mark(life.testbed, self.options.timeouts.short)
+        if found is None and not self._kernel_unreadable:
+            self._kernel_unreadable = True  # said once
+            self.console.warning("cannot read the testbed's kernel log: not watching it")
+        return found
+
+    def _kernel_check(self, result: TestResult, mark: int | None) -> TestResult:
+        if mark is None:
+            return result
+        found = kernlog.since(self.lifecycle.testbed, mark, self.options.timeouts.short)
+        if found is None:
+            self.console.warning(f"test {result.name}: cannot read the kernel log after the test")
+            return result
+        for line in found:
+            self.console.warning(f"test {result.name}: kernel warning: {line}")
+        result = replace(result, kernel_warnings=tuple(found))
+        if found and self.options.kernel_warnings == "fail" and result.verdict is Verdict.PASS:
+            return replace(result, verdict=Verdict.FAIL, reason=f"kernel warning: {found[0]}")
+        return result
 
     def _needs_internet_try(
         self, test: TestSpec, run: executor.TestRun, result: TestResult

@@ -1,0 +1,72 @@
+"""Which kernel log records are a test's kernel warnings (run/kernlog.py), on /dev/kmsg text
+as the testbed's dd gives it: real first lines of the kernel's reports, and benign ones."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from nestbed.run.kernlog import READ_ARGV, last_sequence, problems
+
+REPORTS = [
+    "WARNING: CPU: 1 PID: 412 at fs/nfs/write.c:1470 nfs_writeback_done+0x1c/0x30 [nfs]",
+    "BUG: kernel NULL pointer dereference, address: 0000000000000008",
+    "Oops: 0002 [#1] PREEMPT SMP NOPTI",
+    "general protection fault, probably for non-canonical address 0xdead000000000100: 0000",
+    "kernel BUG at mm/slub.c:379!",
+    "Kernel panic - not syncing: Fatal exception",
+    "INFO: task mount.nfs:1234 blocked for more than 120 seconds.",
+    "watchdog: BUG: soft lockup - CPU#0 stuck for 26s! [kworker/0:1:33]",
+    "rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:",
+    "rcu: INFO: rcu_sched self-detected stall on CPU",
+    "WARNING: possible circular locking dependency detected",
+    "BUG: KASAN: slab-use-after-free in nbd_queue_rq+0x5a/0x3f0 [nbd]",
+    "UBSAN: shift-out-of-bounds in drivers/block/nbd.c:1391:31",
+]
+BENIGN = [
+    "EXT4-fs (vda): mounted filesystem with ordered data mode. Quota mode: none.",
+    "random: crng init done",
+    "nbd: registered device at major 43",
+    "systemd[1]: Started nestbed-agent.service - nestbed control agent.",
+    "FS-Cache: Netfs 'nfs' registered for caching",
+    "audit: type=1400 audit(1.5:2): apparmor=\"STATUS\" warning text",
+]
+
+
+def kmsg(messages: list[str], first: int = 1) -> str:
+    lines = []
+    for seq, message in enumerate(messages, first):
+        lines.append(f"4,{seq},{seq * 1000},-;{message}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("report", REPORTS)
+def test_each_kind_of_report_is_a_warning(report: str) -> None:
+    assert problems(kmsg(["boot", report, "after"]), 0) == [report]
+
+
+@pytest.mark.parametrize("line", BENIGN)
+def test_ordinary_messages_are_not(line: str) -> None:
+    assert problems(kmsg([line]), 0) == []
+
+
+def test_only_what_was_logged_after_the_mark_counts() -> None:
+    text = kmsg([REPORTS[0], "ordinary", REPORTS[1], REPORTS[2]])
+    assert last_sequence(text) == 4
+    assert problems(text, 2) == [REPORTS[1], REPORTS[2]]
+    assert problems(text, 4) == []
+
+
+def test_records_that_are_not_records_are_ignored() -> None:
+    text = "garbage\n;no header\n4,x,1,-;" + REPORTS[0] + "\n" + kmsg([REPORTS[1]], 7)
+    assert problems(text, 0) == [REPORTS[1]]
+    assert last_sequence("") is None
+
+
+def test_the_testbed_command_reads_this_kernels_log() -> None:
+    """READ_ARGV on this machine (root, as on a testbed): records, and a mark among them."""
+    result = subprocess.run(READ_ARGV, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert (last_sequence(result.stdout) or 0) > 0
+    assert not any(line.startswith(" ") for line in result.stdout.splitlines())
