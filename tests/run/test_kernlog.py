@@ -4,10 +4,12 @@ as the testbed's dd gives it: real first lines of the kernel's reports, and beni
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
-from nestbed.run.kernlog import READ_ARGV, last_sequence, problems
+from nestbed.run.kernlog import MARK_ARGV, READ_ARGV, Mark, last_sequence, mark, problems, since
 
 REPORTS = [
     "WARNING: CPU: 1 PID: 412 at fs/nfs/write.c:1470 nfs_writeback_done+0x1c/0x30 [nfs]",
@@ -30,7 +32,7 @@ BENIGN = [
     "nbd: registered device at major 43",
     "systemd[1]: Started nestbed-agent.service - nestbed control agent.",
     "FS-Cache: Netfs 'nfs' registered for caching",
-    "audit: type=1400 audit(1.5:2): apparmor=\"STATUS\" warning text",
+    'audit: type=1400 audit(1.5:2): apparmor="STATUS" warning text',
 ]
 
 
@@ -68,5 +70,34 @@ def test_the_testbed_command_reads_this_kernels_log() -> None:
     """READ_ARGV on this machine (root, as on a testbed): records, and a mark among them."""
     result = subprocess.run(READ_ARGV, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
-    assert (last_sequence(result.stdout) or 0) > 0
-    assert not any(line.startswith(" ") for line in result.stdout.splitlines())
+    boot_id, _, records = result.stdout.partition("\n")
+    assert boot_id == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert (last_sequence(records) or 0) > 0
+    assert not any(line.startswith(" ") for line in records.splitlines())
+
+
+class _Result(NamedTuple):
+    returncode: int
+    stdout: bytes
+
+
+class _FakeTestbed:
+    """A testbed whose kernel log is `log` of boot `boot` (a fake: the VM test is
+    tests/run/test_kernel_warnings.py)."""
+
+    def __init__(self, boot: str, log: str) -> None:
+        self.boot, self.log = boot, log
+
+    def execute(self, argv: list[str], timeout: float) -> _Result:
+        records = self.log.splitlines()[-1:] if argv == MARK_ARGV else self.log.splitlines()
+        return _Result(0, "\n".join([self.boot, *records, ""]).encode())
+
+
+def test_a_reboot_during_the_test_makes_the_new_boots_log_the_tests() -> None:
+    tb = _FakeTestbed("boot-1", kmsg(["a", "b", "c", "d", "e"]))
+    start = mark(tb, 10)  # type: ignore[arg-type]
+    assert start == Mark("boot-1", 5)
+    tb.log = kmsg(["a", "b", "c", "d", "e", REPORTS[0]])
+    assert since(tb, start, 10) == [REPORTS[0]]  # type: ignore[arg-type]
+    tb.boot, tb.log = "boot-2", kmsg([REPORTS[1], "boot"])  # fewer records than the mark
+    assert since(tb, start, 10) == [REPORTS[1]]  # type: ignore[arg-type]

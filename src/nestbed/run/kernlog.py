@@ -12,14 +12,25 @@ to /dev/kmsg too).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from nestbed.testbed.client import Testbed
 
 # each read(2) of /dev/kmsg is one record; non-blocking, dd ends at the last one (EAGAIN);
 # continuation lines (" KEY=value", the record's dictionary) are dropped
 _READ = "dd if=/dev/kmsg iflag=nonblock bs=8192 2>/dev/null | grep -v '^ '"
-MARK_ARGV = ["sh", "-c", f"{_READ} | tail -n 1"]
-READ_ARGV = ["sh", "-c", _READ]
+# the boot's id first: after a reboot the sequence numbers start again
+_BOOT = "cat /proc/sys/kernel/random/boot_id && "
+MARK_ARGV = ["sh", "-c", f"{_BOOT}{_READ} | tail -n 1"]
+READ_ARGV = ["sh", "-c", f"{_BOOT}{_READ}"]
+
+
+@dataclass(frozen=True)
+class Mark:
+    """Where the kernel log stood: the boot, and its last record's sequence number."""
+
+    boot_id: str
+    sequence: int
 
 # the first line of each kind of report the kernel prints (lib/bug.c, kernel/panic.c,
 # kernel/hung_task.c, kernel/rcu/tree_stall.h, kernel/locking/lockdep.c, mm/kasan, lib/ubsan)
@@ -53,18 +64,27 @@ def problems(text: str, after: int) -> list[str]:
     return [m.strip() for seq, m in _records(text) if seq > after and PROBLEM.search(m)]
 
 
-def mark(testbed: Testbed, timeout: float) -> int | None:
-    """The kernel log's last sequence number, or None when it cannot be read."""
+def _split(stdout: bytes) -> tuple[str, str]:
+    boot_id, _, records = stdout.decode("UTF-8", "replace").partition("\n")
+    return boot_id.strip(), records
+
+
+def mark(testbed: Testbed, timeout: float) -> Mark | None:
+    """Where the kernel log stands, or None when it cannot be read."""
     result = testbed.execute(MARK_ARGV, timeout=timeout)
     if result.returncode != 0:
         return None
-    return last_sequence(result.stdout.decode("UTF-8", "replace"))
+    boot_id, records = _split(result.stdout)
+    sequence = last_sequence(records)
+    return None if sequence is None else Mark(boot_id, sequence)
 
 
-def since(testbed: Testbed, after: int, timeout: float) -> list[str] | None:
-    """The problem reports logged after `after`, or None when the log cannot be read (the
-    testbed was lost, or the test made /dev/kmsg unreadable)."""
+def since(testbed: Testbed, start: Mark, timeout: float) -> list[str] | None:
+    """The problem reports logged after `start` (after a reboot: all of the new boot's), or
+    None when the log cannot be read (the testbed was lost, or the test made /dev/kmsg
+    unreadable)."""
     result = testbed.execute(READ_ARGV, timeout=timeout)
     if result.returncode != 0:
         return None
-    return problems(result.stdout.decode("UTF-8", "replace"), after)
+    boot_id, records = _split(result.stdout)
+    return problems(records, start.sequence if boot_id == start.boot_id else -1)

@@ -183,7 +183,7 @@ class TestCaseRunner:
         finally:
             run.close()
 
-    def _kernel_mark(self) -> int | None:
+    def _kernel_mark(self) -> kernlog.Mark | None:
         """Where the kernel log stands before a test, in a testbed with a kernel of its own
         that root can read (None: the kernel is not watched)."""
         life = self.lifecycle
@@ -195,7 +195,7 @@ class TestCaseRunner:
             self.console.warning("cannot read the testbed's kernel log: not watching it")
         return found
 
-    def _kernel_check(self, result: TestResult, mark: int | None) -> TestResult:
+    def _kernel_check(self, result: TestResult, mark: kernlog.Mark | None) -> TestResult:
         if mark is None:
             return result
         found = kernlog.since(self.lifecycle.testbed, mark, self.options.timeouts.short)
