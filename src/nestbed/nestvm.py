@@ -44,6 +44,7 @@ from typing import NoReturn
 from nestbed import log, nestinstall
 from nestbed.errors import NestbedError
 from nestbed.proc import Process, TimeoutExpired, stop
+from nestbed.run import kernlog
 from nestbed.signals import Interrupted, ShutdownOnSignals
 from nestbed.testbed.client import Testbed, resolve_virt_server
 
@@ -92,6 +93,7 @@ class Options:
     copy_out: tuple[Copy, ...]
     install: tuple[str, ...]
     show_boot: bool
+    console_log: str | None
     verbose: bool
     debug: bool
 
@@ -170,6 +172,10 @@ def _parser() -> argparse.ArgumentParser:
         "--show-boot", action="store_true", help="copy the VM's boot console to stderr"
     )
     parser.add_argument(
+        "--console-log", metavar="FILE",
+        help="keep the VM's serial console (boot and kernel messages) in FILE",
+    )  # fmt: skip
+    parser.add_argument(
         "-v", "--verbose", action="store_true",
         help="say what happens (accelerator, timings) on stderr",
     )  # fmt: skip
@@ -218,6 +224,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         copy_out=tuple(args.copy_out),
         install=tuple(install),
         show_boot=args.show_boot,
+        console_log=os.path.abspath(args.console_log) if args.console_log else None,
         verbose=args.verbose or args.debug,
         debug=args.debug,
     )
@@ -285,6 +292,7 @@ class NestedVM:
             argv += ["--qemu-options", self.opts.qemu_options]
         if self.opts.show_boot:
             argv.append("--show-boot")
+        argv += ["--console-log", self.console_path()]
         if self.opts.debug:
             argv.append("--debug")
         return [*argv, os.path.abspath(self.opts.image)]
@@ -401,6 +409,34 @@ class NestedVM:
             raise Failed("lost the VM while running the command")
         return status
 
+    def console_path(self) -> str:
+        assert self.tmp is not None
+        return self.opts.console_log or os.path.join(self.tmp, "console.log")
+
+    def report_kernel_warnings(self) -> None:
+        """Level 2's kernel problem reports, from its console: inside a test (as root),
+        written to level 1's kernel log, where the runner finds them as it finds level 1's
+        own (--kernel-warnings); elsewhere on stderr."""
+        try:
+            with open(self.console_path(), "rb") as f:
+                text = f.read().decode("UTF-8", "replace")
+        except OSError as e:
+            _error(f"cannot read the VM's console: {e.strerror}")
+            return
+        lines = [kernlog.LEVEL2_PREFIX + line for line in kernlog.console_problems(text)]
+        if not lines:
+            return
+        if "AUTOPKGTEST_TMP" in os.environ and os.access("/dev/kmsg", os.W_OK):
+            try:
+                for line in lines:
+                    with open("/dev/kmsg", "w") as kmsg:  # one write, one record
+                        kmsg.write(f"<4>{line}\n")
+                return
+            except OSError:
+                pass
+        for line in lines:
+            _log.warning(line.removeprefix("nestbed-vm: "))
+
     def alive(self, tb: Testbed) -> bool:
         try:
             return (
@@ -420,6 +456,7 @@ class NestedVM:
             self.copy(tb, spec, down=True)
         status = self.run_command(tb)
         self.say(f"command exited with status {status}")
+        self.report_kernel_warnings()
         for spec in self.opts.copy_out:
             try:
                 self.copy(tb, spec, down=False)

@@ -23,6 +23,9 @@ def nestbed_vm() -> str:
     return str(beside)
 
 
+KERNEL_REPORT = "WARNING: CPU: 0 PID: 1 at fs/nestbed.c:42 nestbed_fixture+0x0/0x10"
+
+
 def _env(tmpdir: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("AUTOPKGTEST_BASEIMAGE", None)
@@ -139,22 +142,28 @@ def test_an_image_that_does_not_boot_is_one_line(vm_tmp: Path) -> None:
 
 @pytest.mark.vm
 def test_status_output_copies_and_install(nestbed_image: ImagePaths, vm_tmp: Path) -> None:
-    """--install hello: the image lacks it; this machine's apt fetches it, the VM has it."""
+    """--install hello: the image lacks it; this machine's apt fetches it, the VM has it.
+    --console-log keeps the VM's console; a kernel warning in it is reported (outside a test:
+    on stderr; the runner's side is tests/run/test_kernlog.py)."""
     host = vm_tmp.parent
     (host / "in.txt").write_text("from the caller\n")
     script = (
         "cat /root/in.txt; hello; mkdir /root/out; uname -r > /root/out/kernel;"
-        " echo to-stderr >&2; exit 3"
+        f" echo '<3>{KERNEL_REPORT}' > /dev/kmsg; echo to-stderr >&2; exit 3"
     )
+    console = host / "level2-console.log"
     res = subprocess.run(
         [nestbed_vm(), "--image", str(nestbed_image.directory), "--timeout", "600",
          "--copy-in", f"{host / 'in.txt'}:/root/in.txt", "--copy-out", f"/root/out:{host / 'out'}",
-         "--install", "hello", "--", "sh", "-c", script],
+         "--install", "hello", "--console-log", str(console), "--", "sh", "-c", script],
         capture_output=True, text=True, env=_env(vm_tmp), timeout=900,
     )  # fmt: skip
     assert res.returncode == 3, res.stderr
     assert res.stdout == "from the caller\nHello, world!\n"
-    assert res.stderr == "to-stderr\n"  # nothing of nestbed-vm's own: tests fail on stderr
+    # nothing else of nestbed-vm's own: tests fail on stderr
+    assert res.stderr == f"to-stderr\nnestbed-vm: level-2 kernel warning: {KERNEL_REPORT}\n"
+    assert KERNEL_REPORT in console.read_text(errors="replace")
+    assert "Linux version" in console.read_text(errors="replace")  # the boot, from its start
     assert (host / "out" / "kernel").read_text() == nestbed_image.manifest.kernel_version + "\n"
     assert_nothing_left(vm_tmp)
 

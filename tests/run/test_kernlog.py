@@ -9,7 +9,17 @@ from typing import NamedTuple
 
 import pytest
 
-from nestbed.run.kernlog import MARK_ARGV, READ_ARGV, Mark, last_sequence, mark, problems, since
+from nestbed.run.kernlog import (
+    LEVEL2_PREFIX,
+    MARK_ARGV,
+    READ_ARGV,
+    Mark,
+    console_problems,
+    last_sequence,
+    mark,
+    problems,
+    since,
+)
 
 REPORTS = [
     "WARNING: CPU: 1 PID: 412 at fs/nfs/write.c:1470 nfs_writeback_done+0x1c/0x30 [nfs]",
@@ -101,3 +111,20 @@ def test_a_reboot_during_the_test_makes_the_new_boots_log_the_tests() -> None:
     assert since(tb, start, 10) == [REPORTS[0]]  # type: ignore[arg-type]
     tb.boot, tb.log = "boot-2", kmsg([REPORTS[1], "boot"])  # fewer records than the mark
     assert since(tb, start, 10) == [REPORTS[1]]  # type: ignore[arg-type]
+
+
+def test_a_level2_vms_warning_reported_by_nestbed_vm_counts() -> None:
+    line = LEVEL2_PREFIX + REPORTS[0]
+    assert problems(kmsg(["x", line]), 0) == [line]
+    assert problems(kmsg([LEVEL2_PREFIX + BENIGN[0]]), 0) == []
+
+
+def test_console_lines_lose_their_timestamps() -> None:
+    console = (
+        "[    0.000000] Linux version 6.1.0-28-cloud-amd64\n"
+        f"[   12.345678] {REPORTS[0]}\n"
+        "[  OK  ] Started systemd-journald.service\n"
+        f"[  130.100000] {REPORTS[6]}\n"
+        "nestbed login: root (automatic login)\n"
+    )
+    assert console_problems(console) == [REPORTS[0], REPORTS[6]]

@@ -42,6 +42,12 @@ PROBLEM = re.compile(
 )
 
 
+# nestbed-vm's report of a level-2 VM's warning, written to level 1's log (nestvm.py)
+LEVEL2_PREFIX = "nestbed-vm: level-2 kernel warning: "
+# a console line's timestamp, `[   12.345678] `
+_CONSOLE_STAMP = re.compile(r"^\[\s*\d+\.\d+\]\s?")
+
+
 def _records(text: str) -> list[tuple[int, str]]:
     """(sequence number, message) of each record: `PRI,SEQ,USEC,FLAGS[,...];MESSAGE`."""
     records = []
@@ -61,7 +67,18 @@ def last_sequence(text: str) -> int | None:
 
 def problems(text: str, after: int) -> list[str]:
     """The messages of the records after sequence number `after` that report a problem."""
-    return [m.strip() for seq, m in _records(text) if seq > after and PROBLEM.search(m)]
+    return [
+        m.strip()
+        for seq, m in _records(text)
+        if seq > after and PROBLEM.search(m.removeprefix(LEVEL2_PREFIX))
+    ]
+
+
+def console_problems(text: str) -> list[str]:
+    """The problem reports among a serial console's lines (the kernel prints its reports
+    there too), without their timestamps."""
+    lines = (_CONSOLE_STAMP.sub("", line).strip() for line in text.splitlines())
+    return [line for line in lines if PROBLEM.search(line)]
 
 
 def _split(stdout: bytes) -> tuple[str, str]:

@@ -184,6 +184,11 @@ Examples:
             "--show-boot", action="store_true", help="copy the boot console to stderr"
         )
         parser.add_argument(
+            "--console-log",
+            metavar="FILE",
+            help="keep the guest's serial console in FILE (started again by each boot)",
+        )
+        parser.add_argument(
             "-o",
             "--overlay-dir",
             metavar="DIR",
@@ -493,7 +498,8 @@ Examples:
                 extra_args=(*config.extra_args, "-incoming", incoming),
             )
         with self.critical():
-            machine = Machine(config, tmp_parent=overlay_dir)
+            console = Path(self.args.console_log) if self.args.console_log else None
+            machine = Machine(config, tmp_parent=overlay_dir, console_log=console)
             self.machine = machine
         shower = _ConsoleShower(machine) if self.args.show_boot and state is None else None
         before_connect: Callable[[float], None] | None = None
