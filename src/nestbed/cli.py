@@ -176,12 +176,13 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--kernel-warnings",
-        choices=("report", "fail"),
+        choices=("report", "fail", "ignore"),
         default="report",
         help="in a testbed with its own kernel (a VM), the kernel's problem reports logged "
         "during a test (Oops, BUG, WARNING, panic, hung task, RCU stall, lockdep, KASAN, "
         "UBSAN) are logged and recorded (--json: kernel_warnings); 'fail' also makes a "
-        "test that passed FAIL with the first of them as the reason (default: report)",
+        "test that passed FAIL with the first of them as the reason; 'ignore' does not "
+        "read the kernel log (default: report)",
     )
 
 

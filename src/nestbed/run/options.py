@@ -58,7 +58,8 @@ class RunOptions:
     auto_control: bool = True  # --no-auto-control: False, autodep8 is never run
     # autopkgtest's --needs-internet: run (the default), try (a failure is SKIP), skip
     needs_internet: str = "run"
-    # --kernel-warnings: report the kernel's problem reports during a test, or fail it
+    # --kernel-warnings: report the kernel's problem reports during a test, fail it, or
+    # ignore them (the log is not read)
     kernel_warnings: str = "report"
     override_control: str | None = None  # the first package's control file instead of its own
     validate: bool = False  # -V: check the control file, run nothing

@@ -187,7 +187,9 @@ class TestCaseRunner:
         """Where the kernel log stands before a test, in a testbed with a kernel of its own
         that root can read (None: the kernel is not watched)."""
         life = self.lifecycle
-        if not life.can(Cap.ISOLATION_MACHINE, Cap.ROOT_ON_TESTBED):
+        if self.options.kernel_warnings == "ignore" or not life.can(
+            Cap.ISOLATION_MACHINE, Cap.ROOT_ON_TESTBED
+        ):
             return None
         found = kernlog.mark(life.testbed, self.options.timeouts.short)
         if found is None and not self._kernel_unreadable:
