@@ -18,7 +18,7 @@ REPORT = "WARNING: CPU: 0 PID: 1 at fs/nestbed.c:42 nestbed_fixture+0x0/0x10"
 
 
 @pytest.mark.vm
-@pytest.mark.parametrize("mode", ["report", "fail"])
+@pytest.mark.parametrize("mode", ["report", "fail", "ignore"])
 def test_kernel_warnings_are_recorded_and_can_fail_a_test(
     nestbed_image: ImagePaths, tmp_path: Path, mode: str
 ) -> None:
@@ -37,6 +37,11 @@ def test_kernel_warnings_are_recorded_and_can_fail_a_test(
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     records = {t["name"]: t for t in json.loads(report.read_text())["tests"]}
+    if mode == "ignore":  # the log is not read
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert records["warns"]["kernel_warnings"] is None
+        assert "kernel warning" not in r.stderr
+        return
     assert records["warns"]["kernel_warnings"] == [REPORT]
     assert records["quiet"]["kernel_warnings"] == []
     assert f"test warns: kernel warning: {REPORT}" in r.stderr
