@@ -126,5 +126,6 @@ def test_console_lines_lose_their_timestamps() -> None:
         "[  OK  ] Started systemd-journald.service\n"
         f"[  130.100000] {REPORTS[6]}\n"
         "nestbed login: root (automatic login)\n"
+        f"\x1b[?2004hroot@nestbed:~# [   84.752793] {REPORTS[1]}\n"  # after the prompt
     )
-    assert console_problems(console) == [REPORTS[0], REPORTS[6]]
+    assert console_problems(console) == [REPORTS[0], REPORTS[6], REPORTS[1]]

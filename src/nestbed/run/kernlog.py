@@ -44,8 +44,9 @@ PROBLEM = re.compile(
 
 # nestbed-vm's report of a level-2 VM's warning, written to level 1's log (nestvm.py)
 LEVEL2_PREFIX = "nestbed-vm: level-2 kernel warning: "
-# a console line's timestamp, `[   12.345678] `
-_CONSOLE_STAMP = re.compile(r"^\[\s*\d+\.\d+\]\s?")
+# a kernel message's timestamp on the console, `[   12.345678] `: not always at the start of
+# a line (the serial console's shell prompt may come first)
+_CONSOLE_STAMP = re.compile(r"\[\s*\d+\.\d+\]\s?")
 
 
 def _records(text: str) -> list[tuple[int, str]]:
@@ -77,8 +78,13 @@ def problems(text: str, after: int) -> list[str]:
 def console_problems(text: str) -> list[str]:
     """The problem reports among a serial console's lines (the kernel prints its reports
     there too), without their timestamps."""
-    lines = (_CONSOLE_STAMP.sub("", line).strip() for line in text.splitlines())
-    return [line for line in lines if PROBLEM.search(line)]
+    found = []
+    for line in text.splitlines():
+        stamp = _CONSOLE_STAMP.search(line)
+        message = (line[stamp.end() :] if stamp else line).strip()
+        if PROBLEM.search(message):
+            found.append(message)
+    return found
 
 
 def _split(stdout: bytes) -> tuple[str, str]:
