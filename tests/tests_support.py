@@ -20,6 +20,8 @@ R = TypeVar("R")
 
 # What nestbed says when a level-1 guest resets itself (docs/nested.md, "Known faults").
 LEVEL1_RESET = "the guest reset itself"
+# the multiplexer's keep-alive found level 1 silent (a wedge, which used to be a timeout)
+LEVEL1_SILENT = "the guest agent has not answered for"
 
 
 def nestbed_argv() -> list[str]:
@@ -46,21 +48,23 @@ def open_qemu_testbed(image: ImagePaths, env: Mapping[str, str] | None = None) -
 def once_more_after_a_level1_fault(attempt: Callable[[], R]) -> R:
     """Run a nested (level-2) attempt; run it once more, with a warning, when level 1 failed
     the way QEMU 7.2's emulated SVM sometimes makes it fail under TCG: the level-1 guest
-    resets itself (a testbed failure saying so) or wedges (the attempt times out). Anything
+    resets itself (a testbed failure saying so) or wedges (the attempt times out, or the
+    multiplexer's keep-alive finds the agent silent: a testbed failure saying so). Anything
     else, and a second fault, is the test's result."""
     try:
         result = attempt()
     except (subprocess.TimeoutExpired, CommandTimeout) as e:
         why = f"timed out: {e}"
     except TestbedFailure as e:
-        if LEVEL1_RESET not in str(e):
+        if LEVEL1_RESET not in str(e) and LEVEL1_SILENT not in str(e):
             raise
         why = str(e)
     else:
         output = f"{getattr(result, 'stdout', '')}{getattr(result, 'stderr', '')}"
-        if getattr(result, "returncode", None) != 16 or LEVEL1_RESET not in output:
+        fault = next((f for f in (LEVEL1_RESET, LEVEL1_SILENT) if f in output), None)
+        if getattr(result, "returncode", None) != 16 or fault is None:
             return result
-        why = "testbed failure: " + LEVEL1_RESET
+        why = "testbed failure: " + fault
     warnings.warn(f"level-1 fault in a nested run, ran it once more ({why[:300]})", stacklevel=2)
     return attempt()
 
