@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from nestbed import errors
-from tests_support import LEVEL1_RESET, once_more_after_a_level1_fault
+from tests_support import LEVEL1_RESET, LEVEL1_SILENT, once_more_after_a_level1_fault
 
 Attempt = Callable[[], subprocess.CompletedProcess[str]]
 
@@ -37,6 +37,7 @@ def _done(rc: int, stderr: str = "") -> subprocess.CompletedProcess[str]:
         _done(16, f"lost the testbed: the control channel closed (QEMU ended: {LEVEL1_RESET})"),
         errors.TestbedFailure(f"testbed exec prefix failed with exit status 255: {LEVEL1_RESET}"),
         subprocess.TimeoutExpired(["nestbed"], 1500),
+        _done(16, f"nestbed-virt-qemu: lost the testbed: {LEVEL1_SILENT} 120 s (the guest hangs"),
     ],
 )
 def test_a_level1_fault_is_run_once_more_with_a_warning(first: object) -> None:
