@@ -123,6 +123,19 @@ def tail_lines(text: str, lines: int) -> str:
     return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
 
 
+def file_tail(path: Path | None, lines: int) -> str:
+    """The last `lines` lines of a log file (its last 8 KiB), as `tail_lines` gives them;
+    "" when there is none or it cannot be read."""
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 8192))
+            return tail_lines(f.read().decode("utf-8", "replace"), lines)
+    except OSError:
+        return ""
+
+
 # a unix socket's address holds 107 bytes and a NUL; leave room for the longest name
 MAX_SOCKET_PATH = 100
 
@@ -369,8 +382,8 @@ class Machine:
             raise MachineError(what)
 
     def _explain(self, what: str) -> str:
-        qemu_out = self._tail(self._tmp / "qemu.log" if self._tmp else None, 3)
-        console = self.console_output or self._tail(self._safe_console(), 5)
+        qemu_out = file_tail(self._tmp / "qemu.log" if self._tmp else None, 3)
+        console = self.console_output or file_tail(self._safe_console(), 5)
         parts = [what, f"command: {cmdline(self._argv)}" if self._argv else ""]
         if qemu_out:
             parts.append(f"qemu said: {qemu_out}")
@@ -380,12 +393,6 @@ class Machine:
 
     def _safe_console(self) -> Path | None:
         return self.console_log if self._tmp is not None or self._console_log else None
-
-    @staticmethod
-    def _tail(path: Path | None, lines: int) -> str:
-        if path is None or not path.exists():
-            return ""
-        return tail_lines(path.read_bytes()[-8192:].decode("utf-8", "replace"), lines)
 
     @property
     def channel(self) -> Channel:

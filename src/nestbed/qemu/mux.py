@@ -59,7 +59,7 @@ from nestbed.guest.frameclient import (
     Writer,
     output_window,
 )
-from nestbed.qemu.machine import tail_lines
+from nestbed.qemu.machine import file_tail
 
 PANIC_MARKERS = (b"Kernel panic - not syncing", b"---[ end Kernel panic")
 # bytes waiting for slow clients above which an agent without output windows is not read
@@ -402,7 +402,7 @@ class Mux:
             self._probe_next = now + PROBE_INTERVAL
             return
         if self._probe_since is not None and now - self._probe_since > PROBE_TIMEOUT:
-            console = self._console_tail()
+            console = file_tail(self._console, 5)
             self._die(
                 f"the guest agent has not answered for {PROBE_TIMEOUT:g} s "
                 "(the guest hangs, or its kernel is stuck)"
@@ -667,16 +667,6 @@ class Mux:
             self._deliver(c, FrameType.ERROR, cs, _message(f"frame type {t} not allowed"))
 
     # -- console ------------------------------------------------------------------------
-    def _console_tail(self) -> str:
-        if self._console is None:
-            return ""
-        try:
-            with open(self._console, "rb") as f:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - 8192))
-                return tail_lines(f.read().decode("utf-8", "replace"), 5)
-        except OSError:
-            return ""
-
     def _check_console(self) -> None:
         if self._console is None or self.dead is not None:
             return

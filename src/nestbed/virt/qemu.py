@@ -56,7 +56,7 @@ from nestbed.qemu import accel as accel_mod
 from nestbed.qemu.baseimage import GUEST_BASEIMAGE, GUEST_PROBE, choose_base_image, probe_results
 from nestbed.qemu.copies import CopyContext, GuestCopies
 from nestbed.qemu.execclient import helper_argv
-from nestbed.qemu.machine import Drive, Machine, MachineConfig, MachineError
+from nestbed.qemu.machine import Drive, Machine, MachineConfig, MachineError, file_tail
 from nestbed.qemu.mux import Mux, MuxDead, MuxTimeout
 from nestbed.qemu.shellboot import SerialShell
 from nestbed.qemu.state import ReadyState, StateStore, state_key
@@ -698,10 +698,7 @@ Examples:
             note = self.machine.exit_note()
             if note and note not in what:  # the multiplexer's reason may carry it already
                 what = f"{what}; {note}"
-            with contextlib.suppress(OSError):
-                text = self.machine.console_log.read_bytes()[-4096:].decode("utf-8", "replace")
-                lines = [line.strip() for line in text.splitlines() if line.strip()][-5:]
-                tail = " | ".join(lines)
+            tail = file_tail(self.machine.console_log, 5)
         return f"{what}; console ends: {tail}" if tail else what
 
     def debug_fail(self) -> str | None:
