@@ -235,6 +235,8 @@ def check_inputs(opts: Options) -> None:
     for spec in opts.copy_in:
         if not os.path.exists(spec.src):
             raise Failed(f"--copy-in {spec.src}: no such file or directory")
+    if opts.console_log and not os.path.isdir(os.path.dirname(opts.console_log)):
+        raise Failed(f"--console-log {opts.console_log}: no such directory")
     if os.path.exists(opts.image):
         return
     if opts.image_origin == "the default path":

@@ -110,6 +110,7 @@ def test_no_image_at_all_points_at_the_restriction(vm_tmp: Path) -> None:
         (["--copy-in", "/nonexistent/x:/root/x", "true"], "--copy-in /nonexistent/x: no such"),
         (["--ram-size", "64", "true"], "--ram-size must be at least 128"),
         (["--install", "hello,Bad_Name", "true"], "--install: 'Bad_Name' is not a package name"),
+        (["--console-log", "/nonexistent/c.log", "true"], "--console-log /nonexistent/c.log: no"),
     ],
 )
 def test_bad_usage_is_one_line(vm_tmp: Path, args: list[str], says: str) -> None:
