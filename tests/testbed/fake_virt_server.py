@@ -31,6 +31,11 @@ def main() -> int:
         if mode == "die-on-open" and cmd == "open":
             sys.stderr.write("fake: the hypervisor fell over\n")
             return 3
+        if mode == "fail-with-console" and cmd == "open":
+            # as nestbed-virt-qemu explains a failed boot: its reason, then the console's end
+            sys.stderr.write("fake: failure: no root shell answered; console ends: boot 1\n")
+            sys.stderr.write("".join(f"console line {i}\n" for i in range(2, 7)))
+            return 12
         if mode == "silent" and cmd == "open":
             time.sleep(600)
         if cmd == "open":

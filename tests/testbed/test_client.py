@@ -163,6 +163,19 @@ def test_server_dies_mid_command() -> None:
     assert tb._proc is None
 
 
+def test_server_failure_line_survives_a_long_explanation() -> None:
+    """The line that says why comes first in the message even when the console's tail
+    after it is longer than the three lines kept otherwise."""
+    tb = client.Testbed(fake("fail-with-console"), log=lambda s: None)
+    tb.start()
+    with pytest.raises(errors.VirtServerError) as e:
+        tb.open()
+    message = str(e.value)
+    assert "exited with status 12 during `open': fake: failure: no root shell answered" in message
+    assert message.endswith("console line 6")
+    tb.release()
+
+
 def test_server_never_answers() -> None:
     tb = client.Testbed(fake("silent"), log=lambda s: None)
     tb.start()

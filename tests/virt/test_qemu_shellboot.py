@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from nestbed.qemu.machine import MachineError
-from nestbed.qemu.shellboot import SerialShell
+from nestbed.qemu.shellboot import SerialShell, wait_for_login_prompt
 
 SHELL_DELAY = 1.5  # seconds before the shell starts reading the tty
 
@@ -125,3 +125,45 @@ def test_a_dead_machine_ends_the_wait(tmp_path: Path) -> None:
     finally:
         client.close()
         server.close()
+
+
+# ---- nothing is typed before the login prompt ----------------------------------------------
+
+
+def _write_later(path: Path, data: bytes, delay: float) -> threading.Thread:
+    def write() -> None:
+        time.sleep(delay)
+        with open(path, "ab") as f:
+            f.write(data)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_the_wait_ends_at_a_prompt_written_after_it_began(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    console.write_bytes(b"BdsDxe: loading Boot0001\r\n")
+    writer = _write_later(console, b"\r\nDebian GNU/Linux 12 host ttyS0\r\n\r\nhost lo", 0.6)
+    _write_later(console, b"gin: ", 1.2)  # the prompt split across two reads
+    started = time.monotonic()
+    wait_for_login_prompt(console, 0, time.monotonic() + 30, alive=lambda: True)
+    assert time.monotonic() - started >= 1.2
+    writer.join()
+
+
+def test_the_old_boots_prompt_is_not_taken(tmp_path: Path) -> None:
+    """After a reboot the wait starts behind the prompt the console showed before it."""
+    console = tmp_path / "console.log"
+    console.write_bytes(b"host login: \r\n[  OK  ] Stopped target Multi-User System.\r\n")
+    with pytest.raises(MachineError, match=r"no login prompt on the serial console \(ttyS0\)"):
+        wait_for_login_prompt(
+            console, console.stat().st_size, time.monotonic() + 2, alive=lambda: True
+        )
+
+
+def test_a_machine_gone_before_its_prompt_ends_the_wait(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    console.write_bytes(b"")
+    with pytest.raises(MachineError, match="QEMU exited"):
+        wait_for_login_prompt(console, 0, time.monotonic() + 30, alive=lambda: False)

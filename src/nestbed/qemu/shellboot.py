@@ -13,6 +13,10 @@ off, and every answer carries a fresh nonce in a form the echoed request cannot 
 ("A" "B" typed, `A B` printed). The agent is a tar.gz sent as base64 here-documents in
 chunks, each acknowledged before the next: the guest's tty buffers are never overrun.
 
+Nothing is typed on the serial ports before the guest's login prompt shows on the console
+(ttyS0), as autopkgtest's own QEMU server waits for it too: firmware and boot loaders read
+keys from the serial ports, and a probe typed into OVMF's boot menu keeps the guest there.
+
 The agent needs Python 3 and its json package; python3-minimal (which is what
 setup-testbed installs) has no json, so the standard library's own json package (pure
 Python) travels with the agent, searched after the guest's own modules.
@@ -92,6 +96,38 @@ def agent_bundle() -> bytes:
         for source in sorted(json_dir.glob("*.py")):
             tf.add(source, arcname=f"lib/json/{source.name}")
     return buf.getvalue()
+
+
+LOGIN_PROMPT = b" login: "  # what autopkgtest-virt-qemu waits for on the serial console
+PROMPT_POLL = 0.5  # seconds between looks at the console log
+
+
+def wait_for_login_prompt(
+    console_log: Path, offset: int, deadline: float, alive: Callable[[], bool]
+) -> None:
+    """Wait until the console log shows a login prompt after byte `offset` (a reboot's
+    wait starts after the old boot's prompt)."""
+    pos = offset
+    tail = b""
+    while True:
+        try:
+            with open(console_log, "rb") as f:
+                f.seek(pos)
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        pos += len(data)
+        if LOGIN_PROMPT in tail + data:
+            return
+        tail = (tail + data)[-len(LOGIN_PROMPT) :]
+        if not alive():
+            raise MachineError("QEMU exited while the guest was booting")
+        if time.monotonic() >= deadline:
+            raise MachineError(
+                "no login prompt on the serial console (ttyS0) in time; the root shell on"
+                " ttyS1 is used only after one, as autopkgtest does"
+            )
+        time.sleep(PROMPT_POLL)
 
 
 class SerialShell:

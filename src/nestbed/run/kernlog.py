@@ -32,6 +32,7 @@ class Mark:
     boot_id: str
     sequence: int
 
+
 # the first line of each kind of report the kernel prints (lib/bug.c, kernel/panic.c,
 # kernel/hung_task.c, kernel/rcu/tree_stall.h, kernel/locking/lockdep.c, mm/kasan, lib/ubsan)
 PROBLEM = re.compile(

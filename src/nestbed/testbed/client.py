@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import re
 import select
 import shlex
 import shutil
@@ -56,6 +57,9 @@ _TERM_GRACE = 30.0
 _EXEC_PREFIX_FAILED = (254, 255)
 
 _STDERR_TAIL = 20
+# `PROG: failure: ...` (nestbed's servers), `PROG: error: ...`, autopkgtest's `ERROR:`
+_SERVER_FAILURE = re.compile(r"\S+: (failure|unexpected error|error|ERROR):? ")
+_SUMMARY_LINES = 7
 
 
 class CommandTimeout(TestbedFailure):
@@ -514,7 +518,11 @@ class Testbed:
             self._stderr_thread.join(2.0)
 
     def _stderr_summary(self) -> str:
-        tail = [line for line in self._stderr_tail if line.strip()][-3:]
+        """The server's own failure line and what follows it (a console's tail), else its
+        last three lines: a long explanation must not push out the line that says why."""
+        lines = [line for line in self._stderr_tail if line.strip()]
+        starts = [i for i, line in enumerate(lines) if _SERVER_FAILURE.match(line)]
+        tail = lines[starts[-1] :][:_SUMMARY_LINES] if starts else lines[-3:]
         return (": " + " | ".join(tail)) if tail else ""
 
     # ---- using the testbed -----------------------------------------------------------------

@@ -58,7 +58,7 @@ from nestbed.qemu.copies import CopyContext, GuestCopies
 from nestbed.qemu.execclient import helper_argv
 from nestbed.qemu.machine import Drive, Machine, MachineConfig, MachineError, file_tail
 from nestbed.qemu.mux import Mux, MuxDead, MuxTimeout
-from nestbed.qemu.shellboot import SerialShell
+from nestbed.qemu.shellboot import SerialShell, wait_for_login_prompt
 from nestbed.qemu.state import ReadyState, StateStore, state_key
 from nestbed.testbed.protocol import (
     HANDLED_SIGNALS,
@@ -520,19 +520,25 @@ Examples:
                 shower.stop()
         self.boot_id = str(machine.channel.info.get("boot_id", ""))
 
-    def _start_agent(self, deadline: float, not_boot_id: str = "") -> None:
-        """A foreign image, after a boot: start nestbed's agent through the serial shell."""
+    def _start_agent(self, deadline: float, not_boot_id: str = "", console_from: int = 0) -> None:
+        """A foreign image, after a boot: once the console shows a login prompt (after byte
+        `console_from` of its log), start nestbed's agent through the serial shell."""
         machine = self.machine
         assert machine is not None
+        started = time.monotonic()
+        wait_for_login_prompt(
+            machine.console_log, console_from, deadline, alive=lambda: machine.running
+        )
+        prompted = time.monotonic()
         if self.serial_shell is None:
             self.serial_shell = SerialShell(machine.shell_socket, alive=lambda: machine.running)
-        started = time.monotonic()
         self.serial_shell.wait_ready(deadline, not_boot_id=not_boot_id)
         answered = time.monotonic()
         self.serial_shell.start_agent(self.config.agent_port, deadline)
         self.debug(
-            f"root shell on ttyS1 answered after {answered - started:.1f} s; agent copied"
-            f" and started through it in {time.monotonic() - answered:.1f} s"
+            f"login prompt on the console after {prompted - started:.1f} s, root shell on"
+            f" ttyS1 answered {answered - prompted:.1f} s later; agent copied and started"
+            f" through it in {time.monotonic() - answered:.1f} s"
         )
 
     def _unpack(self, directory: Path) -> tuple[Path, Path]:
@@ -680,8 +686,18 @@ Examples:
     def wait_reboot(self) -> None:
         mux = self._mux()
         if self.foreign:  # nothing starts the agent at boot: the serial shell does, again
+            machine = self.machine
+            assert machine is not None
+            # the reboot begins after this (a delayed `reboot`, or the test's own): the new
+            # boot's login prompt comes after what the console shows now
             try:
-                self._start_agent(time.monotonic() + self.args.timeout_reboot, self.boot_id)
+                console_from = machine.console_log.stat().st_size
+            except OSError:
+                console_from = 0
+            try:
+                self._start_agent(
+                    time.monotonic() + self.args.timeout_reboot, self.boot_id, console_from
+                )
             except MachineError as e:
                 raise ServerFailure(self._explain(f"the testbed did not come back: {e}")) from None
         try:
