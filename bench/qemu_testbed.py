@@ -11,7 +11,9 @@
 - restored ready: server start to `open` answered, from the saved state;
 - revert: `revert` answered;
 - exec: one `true` through the exec prefix;
-- per-test overhead: (nestbed run of N `true` tests - run of 1) / (N - 1).
+- per-test overhead: (nestbed run of N `true` tests - run of 1) / (N - 1);
+- --kernel-log-only: what watching the kernel log costs a test (root, isolation-machine:
+  the tests it is done for), (run of N with --kernel-warnings report - run with ignore) / N.
 Targets (issue 4): cold ready <= 1.15x raw boot, restored ready <= 1.5 s, revert <= 1 s,
 per-test overhead <= 1 s.
 """
@@ -68,16 +70,19 @@ def ready(image: ImagePaths, *extra: str, reverts: int = 0, execs: int = 0) -> d
     return out
 
 
-def run_tests(image: ImagePaths, n: int) -> float:
+def run_tests(image: ImagePaths, n: int, stanza: str = "", *options: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         tests = Path(tmp, "pkg", "debian", "tests")
         tests.mkdir(parents=True)
         (tests / "control").write_text(
-            "".join(f"Test-Command: true\nDepends:\nFeatures: test-name=t{i}\n\n" for i in range(n))
+            "".join(
+                f"Test-Command: true\nDepends:\nFeatures: test-name=t{i}\n{stanza}\n"
+                for i in range(n)
+            )
         )
         start = time.monotonic()
         subprocess.run(
-            [str(BIN / "nestbed"), "-B", str(tests.parent.parent), "--", "qemu",
+            [str(BIN / "nestbed"), *options, "-B", str(tests.parent.parent), "--", "qemu",
              str(image.directory)],
             check=True, capture_output=True, timeout=900,
         )  # fmt: skip
@@ -92,10 +97,16 @@ def main() -> int:
     parser.add_argument(
         "--per-test-only", action="store_true", help="measure only the per-test overhead"
     )
+    parser.add_argument(
+        "--kernel-log-only", action="store_true", help="measure only the kernel log's cost"
+    )
     args = parser.parse_args()
     image = ImagePaths.load(args.image) if args.image else ensure_image(BuildOptions())
     if args.per_test_only:
         per_test(image, args.tests, args.runs)
+        return 0
+    if args.kernel_log_only:
+        kernel_log_cost(image, args.tests, args.runs)
         return 0
 
     def med(values: list[float]) -> str:
@@ -137,6 +148,23 @@ def per_test(image: ImagePaths, tests: int, runs: int) -> None:
     print(
         f"per-test overhead        {statistics.median(overheads):6.2f} s"
         f"  (runs: {', '.join(f'{v:.2f}' for v in overheads)})",
+        flush=True,
+    )
+
+
+def kernel_log_cost(image: ImagePaths, tests: int, runs: int) -> None:
+    """(run of N root isolation-machine tests watched - the same not watched) / N."""
+    stanza = "Restrictions: needs-root, isolation-machine\n"
+    costs = []
+    for _ in range(runs):
+        ignored = run_tests(image, tests, stanza, "--kernel-warnings", "ignore")
+        watched = run_tests(image, tests, stanza, "--kernel-warnings", "report")
+        costs.append((watched - ignored) / tests)
+        print(f"{tests} tests: kernel log ignored {ignored:6.2f} s, watched {watched:6.2f} s",
+              flush=True)  # fmt: skip
+    print(
+        f"kernel log per test      {statistics.median(costs):6.2f} s"
+        f"  (runs: {', '.join(f'{v:.2f}' for v in costs)})",
         flush=True,
     )
 
