@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from nestbed.image import ImageError, ImagePaths
+from nestbed.image import disk as layout
 from nestbed.image.bare import load_bare_image, load_image
 from nestbed.qemu.machine import Machine, MachineConfig
 
@@ -29,31 +30,45 @@ INFO: dict[str, Any] = {
 }  # fmt: skip
 
 
-def ext4(path: Path, files: dict[str, bytes]) -> Path:
-    """A small ext4 disk holding `files` (path -> content)."""
+def ext4(path: Path, files: dict[str, bytes], *, partitioned: bool = False) -> Path:
+    """A small ext4 disk holding `files` (path -> content): the whole disk, as images were
+    before they were partitioned, or the root partition of a GPT laid out as nestbed's."""
     tree = path.with_suffix(".tree")
     for rel, content in files.items():
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
         (tree / rel).write_bytes(content)
+    if partitioned:
+        size = layout.ROOT_START + (16 << 20) + layout.GPT_TAIL
+        layout.write_table(path, size, "amd64")
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-E", f"offset={layout.ROOT_START}", "-d",
+                        str(tree), str(path), f"{layout.root_size(size) // 1024}k"],
+                       check=True)  # fmt: skip
+        return path
     with open(path, "wb") as f:
         f.truncate(16 << 20)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(path)], check=True)
     return path
 
 
-def fake_image(path: Path, info: dict[str, Any] | None = None, without: str = "") -> Path:
+def fake_image(
+    path: Path, info: dict[str, Any] | None = None, without: str = "", *, partitioned: bool = False
+) -> Path:
     """A disk like a nestbed image's: image.json, kernel and initrd (`without` one of them)."""
     files = {
         "etc/nestbed/image.json": json.dumps(INFO if info is None else info).encode(),
         "boot/vmlinuz-6.1.0-9-cloud-amd64": b"kernel\x00\xff" * 1000,
         "boot/initrd.img-6.1.0-9-cloud-amd64": b"initrd" * 1000,
     }
-    return ext4(path, {k: v for k, v in files.items() if not without or without not in k})
+    kept = {k: v for k, v in files.items() if not without or without not in k}
+    return ext4(path, kept, partitioned=partitioned)
 
 
 @needs_mkfs
-def test_kernel_initrd_and_manifest_come_from_the_disk(tmp_path: Path) -> None:
-    disk = fake_image(tmp_path / "disk.img")
+@pytest.mark.parametrize("partitioned", [False, True], ids=["whole-disk", "gpt"])
+def test_kernel_initrd_and_manifest_come_from_the_disk(tmp_path: Path, partitioned: bool) -> None:
+    """From the root partition of a partitioned disk, and from a disk that is one file
+    system (images built before disks were partitioned)."""
+    disk = fake_image(tmp_path / "disk.img", partitioned=partitioned)
     image = load_bare_image(disk, tmp_path / "work")
     assert image.disk == disk
     assert image.kernel.read_bytes() == b"kernel\x00\xff" * 1000
@@ -64,7 +79,7 @@ def test_kernel_initrd_and_manifest_come_from_the_disk(tmp_path: Path) -> None:
         INFO["name"], INFO["kernel_version"], INFO["cmdline"], "raw")  # fmt: skip
     assert (m.root_serial, m.base_serial, m.agent_port) == (
         "nestbed-root", "nestbed-base", "org.nestbed.control")  # fmt: skip
-    assert m.size == 16 << 20
+    assert m.size == disk.stat().st_size
     # what a testbed boots: the disk itself, with the extracted kernel
     config = MachineConfig.for_image(image, base_image=True)
     assert (config.root, config.kernel, config.cmdline) == (disk, image.kernel, INFO["cmdline"])

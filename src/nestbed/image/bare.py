@@ -21,6 +21,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from nestbed.image import disk as disk_mod
 from nestbed.image.cache import INITRD, KERNEL, MANIFEST, ImagePaths, Manifest
 from nestbed.image.errors import ImageError
 from nestbed.proc import CommandFailed, TimeoutExpired, run
@@ -57,13 +58,14 @@ def load_bare_image(disk: Path, workdir: Path) -> ImagePaths:
         raise ImageError(f"{disk}: not a disk image (neither a file nor a block device)")
     if not os.access(disk, os.R_OK):
         raise ImageError(f"{disk}: permission denied (cannot read the disk)")
-    info = _image_json(disk)
+    root = _root_file_system(disk)
+    info = _image_json(disk, root)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ImageError(f"cannot write to {workdir}: {e.strerror}") from None
     for source, name in ((info["kernel"], KERNEL), (info["initrd"], INITRD)):
-        _dump(disk, source, workdir, name)
+        _dump(disk, root, source, workdir, name)
     manifest = Manifest(
         name=info["name"],
         release=info["release"],
@@ -95,11 +97,18 @@ def _not_nestbed(disk: Path) -> ImageError:
     )
 
 
-def _debugfs(disk: Path, request: str, cwd: Path | None = None) -> str:
-    """Run one read-only debugfs request; its stdout. debugfs exits 0 whatever happens, so
-    anything on stderr beyond its banner is the error."""
+def _root_file_system(disk: Path) -> str:
+    """What debugfs opens: the disk itself (an image from before partitioned disks), else its
+    root partition, as e2fsprogs' `DISK?offset=BYTES`."""
+    offset = disk_mod.root_offset(disk)
+    return str(disk) if offset is None else f"{disk}?offset={offset}"
+
+
+def _debugfs(disk: Path, root: str, request: str, cwd: Path | None = None) -> str:
+    """Run one read-only debugfs request on the file system `root` of `disk`; its stdout.
+    debugfs exits 0 whatever happens, so anything on stderr beyond its banner is the error."""
     # -c: catastrophic mode, read-only and without reading the allocation bitmaps
-    argv = ["debugfs", "-c", "-R", request, str(disk)]
+    argv = ["debugfs", "-c", "-R", request, root]
     try:
         res = run(argv, check=False, cwd=cwd, timeout=DEBUGFS_TIMEOUT)
     except CommandFailed:  # not installed
@@ -120,9 +129,9 @@ class _DebugfsError(Exception):
     pass
 
 
-def _image_json(disk: Path) -> dict[str, Any]:
+def _image_json(disk: Path, root: str) -> dict[str, Any]:
     try:
-        text = _debugfs(disk, f"cat {IMAGE_JSON}")
+        text = _debugfs(disk, root, f"cat {IMAGE_JSON}")
     except _DebugfsError as e:
         msg = str(e)
         if "Permission denied" in msg:
@@ -146,12 +155,12 @@ def _image_json(disk: Path) -> dict[str, Any]:
     return info
 
 
-def _dump(disk: Path, source: str, workdir: Path, name: str) -> None:
+def _dump(disk: Path, root: str, source: str, workdir: Path, name: str) -> None:
     target = workdir / name
     target.unlink(missing_ok=True)
     try:
         # relative target with cwd=workdir: debugfs's request parser and odd workdir names
-        _debugfs(disk, f"dump {source} {name}", cwd=workdir)
+        _debugfs(disk, root, f"dump {source} {name}", cwd=workdir)
     except _DebugfsError as e:
         target.unlink(missing_ok=True)
         raise ImageError(f"{disk}: cannot read {source} from it: {e}") from None

@@ -1,11 +1,12 @@
-"""Build an image: mmdebstrap into a directory, then `mkfs.ext4 -d` into a raw disk.
+"""Build an image: mmdebstrap into a directory, then a partitioned raw disk from it.
 
-No vmdb2, loop devices, partitions or boot loader: the image is one ext4 file system on the
-whole disk, booted directly with the kernel and initrd kept next to it. As root mmdebstrap
-runs in root mode inside a private mount and PID namespace (`unshare`), so whatever it
-mounts and starts is gone with it; as another user it runs in unshare mode (needs
-/etc/subuid and /etc/subgid entries) and the file system is written from inside its user
-namespace so ownership comes out right.
+No vmdb2, loop devices or mounts: the root file system is written with `mkfs.ext4 -d` straight
+into its partition, the EFI system partition with mtools (`nestbed.image.disk`: GPT, both
+firmware kinds boot it), and nestbed itself boots the disk directly with the kernel and initrd
+kept next to it. As root mmdebstrap runs in root mode inside a private mount and PID namespace
+(`unshare`), so whatever it mounts and starts is gone with it; as another user it runs in
+unshare mode (needs /etc/subuid and /etc/subgid entries) and the file system is written from
+inside its user namespace so ownership comes out right.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nestbed.image import contents
+from nestbed.image import contents, disk
 from nestbed.image.cache import (
     DISK,
     INITRD,
@@ -40,7 +41,7 @@ from nestbed.image.mirror import AptSource, image_sources, probe
 from nestbed.image.progress import Progress, QuietProgress
 from nestbed.proc import CommandFailed, remove_tree, run
 
-RECIPE_VERSION = 2  # bump when the image contents change: old cache keys stop matching
+RECIPE_VERSION = 3  # bump when the image contents change: old cache keys stop matching
 IMAGE_JSON_VERSION = 1  # of /etc/nestbed/image.json
 EATMYDATA_HOOKS = Path("/usr/share/mmdebstrap/hooks/eatmydata")
 MIN_FREE = 256 << 20  # refuse to start with less than this where the image goes
@@ -90,6 +91,7 @@ class Plan:
             "agent_port": contents.AGENT_PORT,
             "test_user": contents.TEST_USER,
             "format": "raw",
+            "layout": "gpt",
             "size": self.options.size,
             "created": contents.CREATED,
             "sources": [line for s in self.sources for line in s.lines()],
@@ -176,6 +178,12 @@ class Builder:
                     f"not enough space in {staging.parent}: {format_size(_free(staging))} free,"
                     f" an image needs at least {format_size(MIN_FREE)}"
                 )
+            missing = disk.missing_tools()
+            if missing:
+                raise ImageError(
+                    f"writing the image's disk needs {', '.join(missing)}"
+                    f" (apt-get install {disk.PACKAGES})"
+                )
             with progress.stage("checking the mirror"):
                 probe(p.sources[0], p.options.release)
             scratch = Path(
@@ -192,7 +200,7 @@ class Builder:
                 self._mmdebstrap(rootfs, hooks)
             with progress.stage("writing the disk image"):
                 kernel_version = self._kernel(rootfs, staging)
-                self._mkfs(rootfs, staging)
+                self._write_disk(rootfs, staging)
             remove_tree(staging / "hooks")
             self._remove_rootfs(scratch)
             scratch = None
@@ -263,32 +271,38 @@ class Builder:
             raise self._os_error(e) from None
         return version
 
-    def _mkfs(self, rootfs: Path, staging: Path) -> None:
+    def _write_disk(self, rootfs: Path, staging: Path) -> None:
         p = self.plan
         du = run(_in_namespace(p, ["du", "-s", "-B1", "--one-file-system", str(rootfs)]))
         used = int(du.stdout_text.split()[0])
         need = used + used // 8 + (64 << 20)  # ext4 metadata and journal
-        if need > p.options.size:
+        if need > disk.root_size(p.options.size):
             raise ImageError(
                 f"image size {format_size(p.options.size)} is too small for"
                 f" {format_size(used)} of files (try --size {format_size(2 * need)})"
             )
         free = _free(staging)
-        if need > free:
+        if need + disk.ROOT_START > free:
             raise ImageError(
                 f"not enough space in {staging.parent}: {format_size(free)} free,"
-                f" the image needs about {format_size(need)}"
+                f" the image needs about {format_size(need + disk.ROOT_START)}"
             )
-        disk = staging / DISK
+        image = staging / DISK
+        boot = disk.BootFiles(
+            kernel=staging / KERNEL,
+            initrd=staging / INITRD,
+            cmdline=disk.generic_cmdline(),
+            title=f"Debian {p.options.release} ({p.options.flavour}, nestbed)",
+        )
         try:
-            with open(disk, "wb") as f:
-                f.truncate(p.options.size)
+            disk.write_table(image, p.options.size, p.options.arch)
+            disk.write_esp(image, boot)
         except OSError as e:
             raise self._os_error(e) from None
         argv = [
             "mkfs.ext4", "-q", "-F", "-L", contents.ROOT_SERIAL,
-            "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-            "-d", str(rootfs), str(disk),
+            "-E", f"offset={disk.ROOT_START},lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+            "-d", str(rootfs), str(image), f"{disk.root_size(p.options.size) // 1024}k",
         ]  # fmt: skip
         try:
             run(_in_namespace(p, argv), merge_stderr=True)

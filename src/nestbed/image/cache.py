@@ -1,6 +1,7 @@
 """Where images live and how they get there: one directory per image, complete or absent.
 
-An image directory holds `disk.img` (raw ext4, no partition table), `vmlinuz`,
+An image directory holds `disk.img` (a raw partitioned disk, nestbed.image.disk; older
+images hold one ext4 file system without a table, and still work), `vmlinuz`,
 `initrd.img` and `manifest.json`. The manifest is written last, into a staging directory
 beside the destination, which is then renamed into place: a directory without a manifest
 is a half-built image and is never used. Replacing an image renames the old one aside

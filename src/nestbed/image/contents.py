@@ -29,7 +29,9 @@ AGENT_PORT = agent.PORT_NAME
 TEST_USER = "nestbed"
 TEST_UID = 1000
 HOSTNAME = "nestbed"
-CMDLINE = f"root=/dev/disk/by-id/virtio-{ROOT_SERIAL} rw console=ttyS0,115200"
+# the root partition (2) of the disk with the root serial: the base image, a copy of the same
+# disk with the same file system UUID, cannot be taken for it (see disk.py for the layout)
+CMDLINE = f"root=/dev/disk/by-id/virtio-{ROOT_SERIAL}-part2 rw console=ttyS0,115200"
 AGENT_PATH = "/usr/lib/nestbed/agent.py"
 
 AGENT_UNIT = f"""\
