@@ -118,6 +118,8 @@ def test_deb_installs_programs_man_pages_and_debian_libraries(built: Built) -> N
     # the default testbed (a QEMU VM of an image nestbed builds) comes with a plain install
     recommends = {d.strip() for d in _field(built.deb, "Recommends").split(",")}
     assert {"qemu-system-x86", "qemu-utils", "mmdebstrap"} <= recommends
+    # and what writes its partitioned disk (nestbed.image.disk)
+    assert {"fdisk", "dosfstools", "mtools", "syslinux", "systemd-boot-efi"} <= recommends
 
 
 def test_lintian_finds_no_error(built: Built) -> None:

@@ -83,6 +83,25 @@ def test_bad_size_and_usage(cache: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "exit status" in capsys.readouterr().out
 
 
+def test_missing_disk_tools_are_named_before_anything_starts(
+    cache: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A machine without sfdisk (fdisk) cannot write the partitioned disk: the build says so
+    and what to install, before it bootstraps anything."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in os.environ["PATH"].split(os.pathsep):
+        for found in Path(tool).glob("*") if Path(tool).is_dir() else ():
+            if found.name != "sfdisk" and not (bin_dir / found.name).exists():
+                (bin_dir / found.name).symlink_to(found)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    before = snapshot(cache)
+    assert main(["build", "--mirror", UNREACHABLE]) == EXIT_ERROR
+    line = one_error_line(capsys.readouterr().err)
+    assert "writing the image's disk needs sfdisk" in line and "apt-get install fdisk" in line
+    assert snapshot(cache) == before and not leftovers(cache)
+
+
 def test_unreachable_mirror(cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = snapshot(cache)
     assert main(["build", "--mirror", UNREACHABLE]) == EXIT_ERROR

@@ -48,8 +48,9 @@ def test_every_module_imports_with_debians_libraries(nested: Machine) -> None:
 
 
 def test_debugfs_reads_the_base_image_as_the_test_user(nested: Machine) -> None:
+    """The base image's root file system is its partition 2, /dev/baseimage-part2."""
     res = nested.channel.exec(
-        ["debugfs", "-c", "-R", "cat /etc/nestbed/image.json", "/lib/autopkgtest/baseimage"],
+        ["debugfs", "-c", "-R", "cat /etc/nestbed/image.json", "/dev/baseimage-part2"],
         user="nestbed",
         timeout=120,
     )

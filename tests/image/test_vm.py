@@ -79,7 +79,7 @@ def test_root_overlay_and_readonly_base_are_told_apart(booted: tuple[Machine, st
     res = ch.exec(["sh", "-c", script], timeout=60)
     assert res.status == 0, res.stderr
     root, base, byid, root_ro, base_ro, root_opts, wrote = res.stdout.decode().split()
-    assert (root, base, byid) == ("/dev/vda", "/dev/vdb", "/dev/vdb")
+    assert (root, base, byid) == ("/dev/vda2", "/dev/vdb", "/dev/vdb")  # root: partition 2
     assert (root_ro, base_ro, root_opts, wrote) == ("0", "1", "rw", "wrote")
     # the base really is read-only, even for root
     res = ch.exec(["dd", "if=/dev/zero", "of=/dev/vdb", "bs=512", "count=1"], timeout=60)
@@ -87,11 +87,14 @@ def test_root_overlay_and_readonly_base_are_told_apart(booted: tuple[Machine, st
 
 
 def test_base_image_identity_is_hidden(booted: tuple[Machine, str]) -> None:
-    """The base disk carries the root's UUID and label: only the root disk may be found by them."""
+    """The base disk carries the root disk's UUIDs and labels: only the root disk may be found
+    by them (its EFI system partition and its root partition, each by UUID and by label)."""
     ch = booted[0].channel
-    res = ch.exec(["sh", "-c", "udevadm settle; cd /dev/disk; readlink -f by-uuid/* by-label/*"],
+    res = ch.exec(["sh", "-c", "udevadm settle; cd /dev/disk;"
+                   " readlink -f by-uuid/* by-label/* by-partuuid/* | sort"],
                   timeout=60)  # fmt: skip
-    assert res.stdout.decode().split() == ["/dev/vda", "/dev/vda"], res.stderr
+    links = res.stdout.decode().split()
+    assert links == ["/dev/vda1"] * 3 + ["/dev/vda2"] * 3, res.stderr
     res = ch.exec(["udevadm", "info", "--query=property", "/dev/vdb"], timeout=60)
     props = dict(line.split("=", 1) for line in res.stdout.decode().splitlines())
     assert not [k for k in props if k.startswith("ID_FS_")], props

@@ -62,6 +62,9 @@ SUBSYSTEM=="virtio-ports", ATTR{{name}}=="{AGENT_PORT}", TAG+="systemd", \\
 # by everyone (QEMU attaches it read-only); /lib/autopkgtest/baseimage links to it.
 SUBSYSTEM=="block", KERNEL=="vd*[!0-9]", ATTRS{{serial}}=="{BASE_SERIAL}", \\
   SYMLINK+="baseimage", GROUP="kvm", MODE="0644"
+# Its partitions (1: the EFI system partition, 2: the root file system): /dev/baseimage-partN
+SUBSYSTEM=="block", KERNEL=="vd*[0-9]", ATTRS{{serial}}=="{BASE_SERIAL}", \\
+  SYMLINK+="baseimage-part%n", GROUP="kvm", MODE="0644"
 # It carries the root file system's UUID and label: keep it (and any partition on it) out of
 # 60-persistent-storage.rules -- this file sorts before it -- so there is no blkid import, no
 # ID_FS_*, no /dev/disk/by-uuid or by-label link for it (fstab, systemd, btrfs cannot confuse
