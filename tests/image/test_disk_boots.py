@@ -4,7 +4,6 @@ would boot it: no -kernel, no nestbed (docs/images.md, "The disk")."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import re
 import shutil
@@ -17,19 +16,12 @@ import pytest
 
 from nestbed.image import ImagePaths, disk
 from nestbed.qemu.machine import OVMF_CODE, OVMF_VARS
+from tests_support import sha256
 
 QUESTION = (
     b"echo answer=$((6 * 7)) efi=$(test -d /sys/firmware/efi && echo yes || echo no)"
     b" root=$(findmnt -no SOURCE /)\n"
 )
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def boot_and_ask(argv: list[str], console: Path) -> tuple[bytes, bytes]:
@@ -52,9 +44,9 @@ def boot_and_ask(argv: list[str], console: Path) -> tuple[bytes, bytes]:
                 if not asked and re.search(rb"root@\S+:~# ", seen):
                     sock.sendall(QUESTION)
                     asked = True
-                found = re.search(rb"answer=42 [^\r\n]*", seen)
+                found = re.search(rb"(answer=42 [^\r\n]*)\r?\n", seen)  # the whole line
                 if found:
-                    return found.group(0), seen
+                    return found.group(1), seen
         return b"", seen
     finally:
         qemu.kill()
