@@ -154,6 +154,9 @@ if chroot "$root" getent group kvm >/dev/null; then chroot "$root" usermod -aG k
 chroot "$root" systemctl enable --quiet nestbed-agent.service nestbed-kvm.service \\
     systemd-networkd.service
 chroot "$root" systemctl mask --quiet {masked}
+# where the EFI system partition is mounted when the disk is used as an image: systemd-dissect
+# and systemd-nspawn --image (systemd 252) cannot make it on a read-only root, and fail
+mkdir -p "$root/efi"
 # the base image at a path on the root file system (udev makes /dev/baseimage at every boot)
 mkdir -p "$root/lib/autopkgtest"
 ln -sfn /dev/baseimage "$root/lib/autopkgtest/baseimage"
