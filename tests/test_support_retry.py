@@ -38,6 +38,8 @@ def _done(rc: int, stderr: str = "") -> subprocess.CompletedProcess[str]:
         errors.TestbedFailure(f"testbed exec prefix failed with exit status 255: {LEVEL1_RESET}"),
         subprocess.TimeoutExpired(["nestbed"], 1500),
         _done(16, f"nestbed-virt-qemu: lost the testbed: {LEVEL1_SILENT} 120 s (the guest hangs"),
+        _done(4, "nestbed-vm: error: --install failed: testbed exec prefix failed with exit"
+              f" status 255: lost the testbed (QEMU ended: {LEVEL1_RESET}, no reboot ...)"),
     ],
 )
 def test_a_level1_fault_is_run_once_more_with_a_warning(first: object) -> None:
@@ -47,7 +49,10 @@ def test_a_level1_fault_is_run_once_more_with_a_warning(first: object) -> None:
     assert len(calls) == 2 and result.returncode == 0
 
 
-@pytest.mark.parametrize("first", [_done(0), _done(4, "FAIL"), _done(16, "qemu: no such file")])
+@pytest.mark.parametrize(
+    "first",
+    [_done(0), _done(4, "FAIL"), _done(16, "qemu: no such file"), _done(4, f"FAIL {LEVEL1_RESET}")],
+)
 def test_any_other_outcome_is_the_result(first: subprocess.CompletedProcess[str]) -> None:
     calls, attempt = _attempts(first, _done(0))
     assert once_more_after_a_level1_fault(attempt) is first

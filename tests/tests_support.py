@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,8 @@ R = TypeVar("R")
 LEVEL1_RESET = "the guest reset itself"
 # the multiplexer's keep-alive found level 1 silent (a wedge, which used to be a timeout)
 LEVEL1_SILENT = "the guest agent has not answered for"
+# the same reset one level down, after level 2 booted: nestbed-vm fails, the test FAILs
+LEVEL2_RESET = re.compile(r"nestbed-vm: error: .*" + re.escape(LEVEL1_RESET))
 
 
 def nestbed_argv() -> list[str]:
@@ -49,8 +52,9 @@ def once_more_after_a_level1_fault(attempt: Callable[[], R]) -> R:
     """Run a nested (level-2) attempt; run it once more, with a warning, when level 1 failed
     the way QEMU 7.2's emulated SVM sometimes makes it fail under TCG: the level-1 guest
     resets itself (a testbed failure saying so) or wedges (the attempt times out, or the
-    multiplexer's keep-alive finds the agent silent: a testbed failure saying so). Anything
-    else, and a second fault, is the test's result."""
+    multiplexer's keep-alive finds the agent silent: a testbed failure saying so), or the
+    level-2 guest resets itself after it booted (nestbed-vm says so, the test FAILs).
+    Anything else, and a second fault, is the test's result."""
     try:
         result = attempt()
     except (subprocess.TimeoutExpired, CommandTimeout) as e:
@@ -62,9 +66,14 @@ def once_more_after_a_level1_fault(attempt: Callable[[], R]) -> R:
     else:
         output = f"{getattr(result, 'stdout', '')}{getattr(result, 'stderr', '')}"
         fault = next((f for f in (LEVEL1_RESET, LEVEL1_SILENT) if f in output), None)
-        if getattr(result, "returncode", None) != 16 or fault is None:
+        level2 = LEVEL2_RESET.search(output)
+        status = getattr(result, "returncode", None)
+        if status == 16 and fault is not None:
+            why = "testbed failure: " + fault
+        elif status == 4 and level2 is not None:
+            why = "the level-2 VM reset itself: " + level2.group(0)
+        else:
             return result
-        why = "testbed failure: " + fault
     warnings.warn(f"level-1 fault in a nested run, ran it once more ({why[:300]})", stacklevel=2)
     return attempt()
 
