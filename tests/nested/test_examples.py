@@ -27,7 +27,6 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
         ("nested-bootdisk", ["-U"], "own-qemu-boots-it", "level 2 booted by itself to a shell"),
         ("nested-nfs", ["-U"], "nfs-kernel-client", "received 4 MiB from the level-2 VM"),
         ("nested-nbd", ["-U"], "nbd-kernel-client", "4 MiB from the level-2 VM over NBD"),
-        ("nested-cifs", ["-U"], "cifs-kernel-client", "4 MiB from the level-2 VM over CIFS"),
         ("nested-iscsi", ["-U"], "iscsi-kernel-client", "4 MiB from the level-2 VM over iSCSI"),
     ],
 )
