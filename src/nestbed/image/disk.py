@@ -38,10 +38,10 @@ ESP_SIZE = 63 * MIB
 ROOT_START = ESP_START + ESP_SIZE
 GPT_TAIL = 1 * MIB  # the backup table at the disk's end
 ESP_TYPE = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")
-# the Discoverable Partitions Specification's root partition type, per architecture
+# the Discoverable Partitions Specification's root partition type, per architecture (images
+# are amd64 only: the boot loaders below are x86's)
 ROOT_TYPES = {
     "amd64": uuid.UUID("4f68bce3-e8cd-4db1-96e7-fbcaf984b709"),
-    "arm64": uuid.UUID("b921b045-1df0-41c3-af44-4c6f280d3fae"),
 }
 ROOT_LABEL = "root"
 # a fixed partition UUID: the boot entries find the root by it (root=PARTUUID=)
