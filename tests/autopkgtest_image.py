@@ -54,6 +54,7 @@ from pathlib import Path
 
 from nestbed.image.build import EATMYDATA_HOOKS
 from nestbed.image.cache import ImageCache, clean_stale, staging_dir
+from nestbed.image.disk import SYSTEMD_BOOT  # from Debian's systemd-boot-efi
 from nestbed.image.mirror import image_sources
 
 RELEASE = "bookworm"
@@ -61,8 +62,6 @@ SUBDIR = "autopkgtest-style"
 DISK_NAME = "disk.qcow2"
 SETUP_TESTBED = Path("/usr/share/autopkgtest/setup-commands/setup-testbed")
 SYSLINUX_MBR = Path("/usr/lib/syslinux/mbr/mbr.bin")
-# from Debian's systemd-boot-efi
-SYSTEMD_BOOT = Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi")
 ROOTFS_PREFIX = "rootfs-"
 ROOTFS_TARBALL = "rootfs.tar.zst"
 # what autopkgtest-build-qemu (kernel, ifupdown) and setup-testbed (the rest) install;

@@ -291,7 +291,6 @@ class Builder:
         boot = disk.BootFiles(
             kernel=staging / KERNEL,
             initrd=staging / INITRD,
-            cmdline=disk.generic_cmdline(),
             title=f"Debian {p.options.release} ({p.options.flavour}, nestbed)",
         )
         try:

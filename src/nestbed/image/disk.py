@@ -46,6 +46,8 @@ ROOT_TYPES = {
 ROOT_LABEL = "root"
 # a fixed partition UUID: the boot entries find the root by it (root=PARTUUID=)
 ROOT_PARTUUID = uuid.UUID("6e657374-6265-6420-726f-6f7420706172")
+# the boot loaders' kernel command line (nestbed's direct boot has its own: contents.CMDLINE)
+BOOT_CMDLINE = f"root=PARTUUID={ROOT_PARTUUID} rw console=tty0 console=ttyS0,115200"
 GPT_MBR = Path("/usr/lib/syslinux/mbr/gptmbr.bin")  # syslinux-common
 SYSTEMD_BOOT = Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi")  # systemd-boot-efi
 TOOLS = ("sfdisk", "mkfs.fat", "mcopy", "mmd", "syslinux")
@@ -56,7 +58,6 @@ PACKAGES = "fdisk dosfstools mtools syslinux syslinux-common systemd-boot-efi"
 class BootFiles:
     kernel: Path
     initrd: Path
-    cmdline: str  # for the boot loaders: finds the root by PARTUUID, not by disk serial
     title: str
 
 
@@ -67,8 +68,6 @@ def missing_tools() -> list[str]:
     return missing
 
 
-def generic_cmdline(console: str = "console=tty0 console=ttyS0,115200") -> str:
-    return f"root=PARTUUID={ROOT_PARTUUID} rw {console}"
 
 
 def write_table(disk: Path, size: int, arch: str) -> None:
@@ -113,12 +112,12 @@ def _fill_esp(disk: Path, boot: BootFiles, work: Path) -> None:
     loader.write_text("default nestbed.conf\ntimeout 0\neditor no\n")
     entry = work / "nestbed.conf"
     entry.write_text(
-        f"title {boot.title}\nlinux /vmlinuz\ninitrd /initrd.img\noptions {boot.cmdline}\n"
+        f"title {boot.title}\nlinux /vmlinuz\ninitrd /initrd.img\noptions {BOOT_CMDLINE}\n"
     )
     syslinux_cfg = work / "syslinux.cfg"
     syslinux_cfg.write_text(
         "SERIAL 0 115200\nDEFAULT nestbed\nPROMPT 0\nTIMEOUT 0\nLABEL nestbed\n"
-        f"  KERNEL /vmlinuz\n  APPEND initrd=/initrd.img {boot.cmdline}\n"
+        f"  KERNEL /vmlinuz\n  APPEND initrd=/initrd.img {BOOT_CMDLINE}\n"
     )
     _run(["mmd", "-i", fat, "::EFI", "::EFI/BOOT", "::loader", "::loader/entries"])
     for source, name in (
@@ -143,17 +142,17 @@ def _run(argv: list[str], stdin: str | None = None) -> None:
 # ---- reading it back -------------------------------------------------------------------------
 
 
-def root_offset(disk: Path, arch: str | None = None) -> int | None:
+def root_offset(disk: Path) -> int | None:
     """Where the root partition starts on `disk`, in bytes; None for a disk with no GPT (a
     bare file system, as nestbed's images were before). The root is the partition typed as
-    a DPS root (of `arch`, or any), else the only Linux-data one."""
+    a DPS root, else the only Linux-data one."""
     try:
         with open(disk, "rb") as f:
             for sector in (512, 4096):
                 f.seek(sector)
                 header = f.read(92)
                 if header[:8] == b"EFI PART":
-                    return _root_in_table(f, header, sector, arch)
+                    return _root_in_table(f, header, sector)
     except OSError as e:
         raise ImageError(f"{disk}: cannot read its partition table: {e.strerror}") from None
     return None
@@ -162,13 +161,13 @@ def root_offset(disk: Path, arch: str | None = None) -> int | None:
 _LINUX_DATA = uuid.UUID("0fc63daf-8483-4772-8e79-3d69d8477de4")
 
 
-def _root_in_table(f: BinaryIO, header: bytes, sector: int, arch: str | None) -> int | None:
+def _root_in_table(f: BinaryIO, header: bytes, sector: int) -> int | None:
     entries_lba, count, entry_size = struct.unpack_from("<QII", header, 72)
     if not (0 < count <= 1024 and 128 <= entry_size <= 4096):
         return None
     f.seek(entries_lba * sector)
     table = f.read(count * entry_size)
-    wanted = {ROOT_TYPES[arch]} if arch in ROOT_TYPES else set(ROOT_TYPES.values())
+    wanted = set(ROOT_TYPES.values())
     linux: list[int] = []
     for i in range(len(table) // entry_size):
         entry = table[i * entry_size : (i + 1) * entry_size]
