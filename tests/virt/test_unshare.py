@@ -29,6 +29,7 @@ from nestbed.container.tarball import (
     mmdebstrap_argv,
     tarball_name,
 )
+from nestbed.image import ImagePaths
 from nestbed.image.errors import ImageError
 from nestbed.image.mirror import image_sources
 from nestbed.image.progress import PlainProgress
@@ -389,15 +390,17 @@ def test_installing_and_writing_usr_leaves_host_untouched(tarball: Path, tmp_pat
 
 @pytest.mark.network
 def test_needs_baseimage_is_skipped_with_the_reason(tarball: Path, tmp_path: Path) -> None:
-    """A container has no base image to give: SKIP and exit 2 (8 when nothing else ran, as
-    for any all-skipped package), never a pass."""
+    """A container told not to export a base image: SKIP and exit 2 (8 when nothing else
+    ran, as for any all-skipped package), never a pass."""
     tree = write_package(
         tmp_path / "pkg",
         {"nested": "#!/bin/sh\necho ran\n", "plain": "#!/bin/sh\necho ran\n"},
         "Tests: nested\nDepends:\nRestrictions: needs-baseimage, needs-root\n\n"
         "Tests: plain\nDepends:\n",
     )
-    rc, results, err = run_nestbed("-B", str(tree), "--", "unshare")
+    rc, results, err = run_nestbed(
+        "-B", str(tree), "--", "unshare", "--tarball", str(tarball), "--no-baseimage"
+    )
     assert rc == 2, err[-3000:]
     skip = 'nested               SKIP Test restriction "needs-baseimage" requires'
     assert results[0].startswith(skip), results
@@ -745,3 +748,68 @@ def test_service_test_skipped_as_autopkgtest_skips_it(tarball: Path, tmp_path: P
     ref_results = [line for line in ref.stdout.splitlines() if RESULT.match(line)]
     assert ours[1][0].startswith('service              SKIP Test restriction "isolation-'), ours
     assert (ours[0], ours[1]) == (ref.returncode, ref_results), ref.stderr[-3000:]
+
+
+# Runs in the container: the exported image is read-only where a QEMU testbed puts it, and
+# nestbed-vm (from the image's own root tree) boots it as a VM of the host's accelerator.
+LEVEL2_FROM_CONTAINER = r"""#!/bin/sh
+set -eu
+[ "$AUTOPKGTEST_BASEIMAGE" = /lib/autopkgtest/baseimage ]
+[ "$(readlink /lib/autopkgtest/baseimage)" = /dev/baseimage ]
+if dd if=/dev/zero of=/dev/baseimage bs=512 count=1 conv=notrunc 2>/dev/null; then
+    echo "the base image is writable" >&2; exit 1
+fi
+echo "nested-kvm: $AUTOPKGTEST_NESTED_KVM"
+image_kernel=$(sed -n 's/.*"kernel_version": "\(.*\)".*/\1/p' /etc/nestbed/image.json)
+level2=$(nestbed-vm -- sh -c 'uname -r; cat /proc/sys/kernel/random/boot_id')
+echo "level 2: $level2"
+[ "$(echo "$level2" | head -n1)" = "$image_kernel" ]
+[ "$(echo "$level2" | tail -n1)" != "$(cat /proc/sys/kernel/random/boot_id)" ]
+"""
+
+
+@pytest.mark.vm
+@pytest.mark.network
+def test_needs_baseimage_boots_level2_from_the_container(
+    nested_image: ImagePaths, tmp_path: Path
+) -> None:
+    """needs-baseimage on unshare: the --nested image's disk at the QEMU testbed's paths,
+    read-only; the container runs on that image's own tree, so nestbed-vm is there and boots
+    a level-2 VM (here TCG at level 0, not KVM inside TCG); the disk is unchanged."""
+    disk_before = _sha256(nested_image.disk)
+    tree = write_package(
+        tmp_path / "pkg",
+        {"level2": LEVEL2_FROM_CONTAINER},
+        "Tests: level2\nDepends:\nRestrictions: needs-baseimage, needs-root, allow-stderr\n",
+    )
+    out = tmp_path / "out"
+    rc, results, _ = run_nestbed(
+        "-B", str(tree), "--output-dir", str(out), "--", "unshare", timeout=900
+    )
+    log = (out / "log").read_text()
+    assert (rc, results) == (0, ["level2               PASS"]), log[-4000:]
+    assert "nested-kvm: 0" in log  # KVM is not usable here: not advertised, not bound
+    assert "level 2: " in log
+    assert _sha256(nested_image.disk) == disk_before
+    assert not container_pids()
+    assert not processes_matching("qemu-system")
+
+
+@pytest.mark.network
+def test_bad_baseimage_path_is_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [*server_argv(), f"--baseimage={tmp_path}/missing"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"nestbed-virt-unshare: --baseimage={tmp_path}/missing: no such file"
+    ), proc.stderr
+
+
+def _sha256(path: Path) -> str:
+    return subprocess.run(
+        ["sha256sum", str(path)], capture_output=True, text=True, check=True
+    ).stdout.split()[0]

@@ -55,6 +55,10 @@ class ContainerConfig:
     userns: bool  # map ids through /etc/subuid (needed when not root)
     # (OUTSIDE, INSIDE): host directories bind-mounted into the container (--bind)
     binds: tuple[tuple[str, str], ...] = ()
+    # a disk file the container sees read-only as /dev/baseimage (the exported base image)
+    baseimage: Path | None = None
+    # host device nodes bound into the container's /dev besides the minimal set (e.g. kvm)
+    devices: tuple[str, ...] = ()
 
     def mode(self) -> str:
         if not self.overlay:
@@ -91,6 +95,8 @@ class Container:
             c.mode(),
             str(c.rootdir),
             str(c.mountpoint),
+            str(c.baseimage) if c.baseimage is not None else "",
+            ",".join(c.devices),
             *(word for pair in c.binds for word in pair),
         ]
 

@@ -4,13 +4,18 @@ Run by `nestbed.container.container` as the child of ``unshare --fork --pid --mo
 with the host's Python (``-I -S``) and only the standard library, so it keeps working after
 the root has been pivoted into the container, where the host's files are gone.
 
-    python3 -I -S init.py overlay|overlay-userxattr|direct ROOTDIR MOUNTPOINT [OUTSIDE INSIDE]...
+    python3 -I -S init.py overlay|overlay-userxattr|direct ROOTDIR MOUNTPOINT BASEIMAGE DEVICES
+                          [OUTSIDE INSIDE]...
 
 ``overlay``: ROOTDIR is a pristine, never-written tree; a tmpfs is mounted on MOUNTPOINT (an
 empty directory) holding the overlay's upper and work dirs and the merged root. The tmpfs
 exists only in the container's mount namespace: when the last process of the container
 is gone, so is every write a test made, with nothing left on the host's disk.
 ``direct``: ROOTDIR is a private writable tree, used as the root itself.
+BASEIMAGE, when not empty, is a host file (the exported base image's disk) bound read-only on
+/dev/baseimage, with /lib/autopkgtest/baseimage a symlink to it, as in a QEMU testbed.
+DEVICES is a comma-separated list of further host device nodes to bind into /dev (``kvm``),
+or empty.
 Each OUTSIDE INSIDE pair bind-mounts (recursively) the host directory OUTSIDE on INSIDE in the
 container. OUTSIDE is bound first on a staging point in the container's own /dev tmpfs; only
 after the pivot is INSIDE created and the mount moved there, so INSIDE's symlinks resolve in
@@ -32,8 +37,8 @@ import sys
 SETUP = r"""
 set -eu
 PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH  # pivot_root, for users without sbin in PATH
-mode=$1 rootdir=$2 mnt=$3
-shift 3
+mode=$1 rootdir=$2 mnt=$3 baseimage=$4 devices=$5
+shift 5
 case "$mode" in
 (overlay*)
     opts=
@@ -55,7 +60,7 @@ esac
 mkdir -p "$root/dev" "$root/proc" "$root/sys" "$root/tmp"
 mount -t tmpfs -o mode=0755,nosuid,size=16m nestbed-dev "$root/dev"
 # the minimal device nodes, bound from the host (no mknod in a user namespace)
-for f in null zero full random urandom tty; do
+for f in null zero full random urandom tty $(echo "$devices" | tr , ' '); do
     : > "$root/dev/$f"
     mount --bind "/dev/$f" "$root/dev/$f"
 done
@@ -68,6 +73,12 @@ mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,gid=5,noexec,nosuid devpt
     "$root/dev/pts"
 ln -s pts/ptmx "$root/dev/ptmx"
 mount -t tmpfs -o mode=1777,nosuid,nodev nestbed-shm "$root/dev/shm"
+# the base image: read-only in this namespace, whoever the test runs as
+if [ -n "$baseimage" ]; then
+    : > "$root/dev/baseimage"
+    mount --bind "$baseimage" "$root/dev/baseimage"
+    mount -o remount,bind,ro "$root/dev/baseimage"
+fi
 # --bind: each OUTSIDE on a staging point on the container's /dev tmpfs, moved after the pivot
 n=0
 mkdir "$root/dev/.nestbed-bind"
@@ -95,6 +106,10 @@ for arg in "$@"; do
     n=$((n + 1))
 done
 rmdir /dev/.nestbed-bind
+if [ -n "$baseimage" ] && [ ! -e /lib/autopkgtest/baseimage ]; then
+    mkdir -p /lib/autopkgtest
+    ln -sfn /dev/baseimage /lib/autopkgtest/baseimage
+fi
 # a name of its own (its own UTS namespace) that resolves, or sudo and others complain
 echo nestbed-unshare > /proc/sys/kernel/hostname
 echo nestbed-unshare > /etc/hostname
@@ -109,14 +124,16 @@ OVERLAY_FAILED = 3
 
 
 def main() -> int:
-    if len(sys.argv) < 4 or len(sys.argv) % 2:
-        sys.stderr.write("usage: init.py MODE ROOTDIR MOUNTPOINT [OUTSIDE INSIDE]...\n")
+    if len(sys.argv) < 6 or len(sys.argv) % 2:
+        sys.stderr.write(
+            "usage: init.py MODE ROOTDIR MOUNTPOINT BASEIMAGE DEVICES [OUTSIDE INSIDE]...\n"
+        )
         return 2
-    mode, rootdir, mnt = sys.argv[1:4]
+    mode, rootdir, mnt, baseimage, devices = sys.argv[1:6]
     # /proc is still the host's here, so this is our PID as the host sees it
     host_pid = int(os.readlink("/proc/self"))
     setup = subprocess.run(
-        ["sh", "-c", SETUP, "sh", mode, rootdir, mnt, *sys.argv[4:]],
+        ["sh", "-c", SETUP, "sh", mode, rootdir, mnt, baseimage, devices, *sys.argv[6:]],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -28,6 +28,7 @@ from nestbed.image.cache import (
     INITRD,
     KERNEL,
     MANIFEST,
+    ROOT_TARBALL,
     ImageCache,
     ImagePaths,
     Manifest,
@@ -41,7 +42,7 @@ from nestbed.image.mirror import AptSource, image_sources, probe
 from nestbed.image.progress import Progress, QuietProgress
 from nestbed.proc import CommandFailed, remove_tree, run
 
-RECIPE_VERSION = 3  # bump when the image contents change: old cache keys stop matching
+RECIPE_VERSION = 4  # bump when the image contents change: old cache keys stop matching
 IMAGE_JSON_VERSION = 1  # of /etc/nestbed/image.json
 EATMYDATA_HOOKS = Path("/usr/share/mmdebstrap/hooks/eatmydata")
 MIN_FREE = 256 << 20  # refuse to start with less than this where the image goes
@@ -201,6 +202,9 @@ class Builder:
             with progress.stage("writing the disk image"):
                 kernel_version = self._kernel(rootfs, staging)
                 self._write_disk(rootfs, staging)
+            if p.options.nested:
+                with progress.stage("writing the root tarball (the unshare testbed's root)"):
+                    self._write_tarball(rootfs, staging)
             remove_tree(staging / "hooks")
             self._remove_rootfs(scratch)
             scratch = None
@@ -309,6 +313,21 @@ class Builder:
             if _no_space(e.output):
                 raise ImageError(f"not enough space in {staging.parent} for the image") from e
             raise ImageError(f"mkfs.ext4 failed: {e.output.strip().splitlines()[-1:]}") from e
+
+    def _write_tarball(self, rootfs: Path, staging: Path) -> None:
+        """The same tree as the disk's root, for a container (nestbed-virt-unshare exporting
+        this image runs on it): level 1 and level 2 are then one bootstrap, nestbed-vm and
+        its QEMU included."""
+        argv = [
+            "tar", "--create", "--file", str(staging / ROOT_TARBALL), "--directory", str(rootfs),
+            "--one-file-system", "--numeric-owner", "--xattrs", "--xattrs-include=*", ".",
+        ]  # fmt: skip
+        try:
+            run(_in_namespace(self.plan, argv), merge_stderr=True)
+        except CommandFailed as e:
+            if _no_space(e.output):
+                raise ImageError(f"not enough space in {staging.parent} for the image") from e
+            raise ImageError(f"tar failed: {e.output.strip().splitlines()[-1:]}") from e
 
     def _os_error(self, e: OSError) -> ImageError:
         if e.errno == 28:  # ENOSPC

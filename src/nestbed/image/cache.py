@@ -31,6 +31,8 @@ MANIFEST = "manifest.json"
 DISK = "disk.img"
 KERNEL = "vmlinuz"
 INITRD = "initrd.img"
+# a --nested image's root tree as a tarball: the unshare testbed's root when it exports the image
+ROOT_TARBALL = "rootfs.tar"
 MANIFEST_VERSION = 1
 _STAGING_PREFIX = ".build-"
 _TRASH_PREFIX = ".old-"
@@ -93,6 +95,12 @@ class ImagePaths:
     @property
     def initrd(self) -> Path:
         return self.directory / INITRD
+
+    @property
+    def root_tarball(self) -> Path | None:
+        """The tree the disk was written from, as a tarball (--nested images), else None."""
+        path = self.directory / ROOT_TARBALL
+        return path if path.is_file() else None
 
     @property
     def name(self) -> str:

@@ -9,6 +9,14 @@ the mirror).
 Without ``--tarball`` the tarball is built on first use with mmdebstrap (minbase, apt lists
 kept) from the machine's apt sources or ``--mirror``, and cached.
 
+Base image (``--baseimage``, or when the runner hints that a test needs it): the disk of the
+``--nested`` nestbed image of the same release and architecture (built and cached like the
+QEMU testbed's) is bound read-only on /dev/baseimage, /lib/autopkgtest/baseimage links to it,
+and, unless ``--tarball`` is given, the container runs on that image's own root tree
+(``rootfs.tar`` beside its disk): one bootstrap for level 1 and level 2, with nestbed-vm and
+QEMU in it. /dev/kvm is bound in when KVM can run a guest on this host. What is advertised
+(``baseimage``, ``nested-kvm``) is what a probe in the started container found.
+
 Revert: by default writes go to an overlay whose upper dir is a tmpfs inside the container,
 so a revert (or close) is "kill PID 1, start a new container" on the same cached pristine
 tree, and nothing a test wrote ever reaches the host's disk. ``--unpack`` instead unpacks the
@@ -22,20 +30,41 @@ import glob
 import os
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, NoReturn
 
-from nestbed.capabilities import SUGGESTED_NORMAL_USER, Cap, with_value
+from nestbed.capabilities import SUGGESTED_NORMAL_USER, WANT_BASEIMAGE, Cap, with_value
 from nestbed.container import rootfs
 from nestbed.container.container import Container, ContainerConfig, OverlayUnavailable
 from nestbed.container.tarball import ensure_tarball, host_arch, host_release
 from nestbed.errors import NestbedError
+from nestbed.image import BuildOptions, ImagePaths, ensure_image
+from nestbed.image.cache import MANIFEST
 from nestbed.image.progress import PlainProgress
+from nestbed.qemu.accel import kvm_problem
 from nestbed.testbed.protocol import ServerFailure, VirtServer, run_server
 
 # the name autopkgtest-virt-unshare gives its normal user, so tests see the same
 NORMAL_USER = "unshare"
 REQUIRED = ("unshare", "nsenter", "tar")
+
+# Run in the started container (its own sh): what a test relying on `baseimage` and
+# `nested-kvm` would get. The base image must be readable and not writable (a read-only
+# mount: `-w` is false even for root).
+PROBE = """
+if [ -r /dev/baseimage ] && [ ! -w /dev/baseimage ] && [ -L /lib/autopkgtest/baseimage ]; then
+  echo baseimage=ok
+fi
+if [ -c /dev/kvm ] && true 2>/dev/null <>/dev/kvm; then echo kvm=ok; fi
+"""
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    disk: Path  # bound read-only on /dev/baseimage
+    root_tarball: Path | None  # the image's own root tree, when it has one
+    label: str  # for messages
 
 
 class UnshareServer(VirtServer):
@@ -70,11 +99,21 @@ Examples:
         self.release: str = args.release or host_release()
         self.arch: str = args.arch or host_arch()
         self.tarball: Path | None = None
+        self.user_tarball = args.tarball is not None
         if args.tarball is not None:
             self.tarball = Path(args.tarball).absolute()
             if not self.tarball.is_file():
                 raise ServerFailure(f"tarball {args.tarball} does not exist")
-        else:
+        # None: not exported; "": the --nested image of release/arch; else the PATH given
+        self.base_request: str | None = _base_request(args, os.environ)
+        # only a hint from the runner: a base image that cannot be made skips its tests
+        self.base_hinted = args.baseimage is None and self.base_request is not None
+        if self.base_request:
+            _check_base_path(self.base_request)
+        self.base: BaseImage | None = None  # resolved at the first open (may build)
+        self.kvm = self.base_request is not None and kvm_problem() is None
+        self.probed: frozenset[str] = frozenset()  # what the probe found: baseimage, kvm
+        if self.tarball is None and self.base_request is None:
             self.tarball = sbuild_tarball(self.release, self.arch, os.environ)
             if self.tarball is not None:
                 self.debug(f"using sbuild's tarball {self.tarball}")
@@ -100,6 +139,22 @@ Examples:
         )
         parser.add_argument(
             "-t", "--tarball", help="root tarball to use (default: build one and cache it)"
+        )
+        export = parser.add_mutually_exclusive_group()
+        export.add_argument(
+            "--baseimage",
+            nargs="?",
+            const="",
+            metavar="PATH",
+            help="export a base image read-only (/dev/baseimage, /lib/autopkgtest/baseimage): "
+            "PATH, a nestbed image or a disk; without PATH the --nested image of the release "
+            "(built once), whose own root tree the container then runs on (nestbed-vm "
+            "included) unless -t is given. Default: only when a test needs it",
+        )
+        export.add_argument(
+            "--no-baseimage",
+            action="store_true",
+            help="never export a base image (not even when a test needs it)",
         )
         parser.add_argument(
             "--userns",
@@ -137,7 +192,7 @@ Examples:
         )
 
     def capabilities(self) -> list[str]:
-        return [
+        caps = [
             Cap.REVERT,
             Cap.REVERT_FULL_SYSTEM,
             Cap.ROOT_ON_TESTBED,
@@ -145,8 +200,37 @@ Examples:
             # test that starts a service would fail (autopkgtest's unshare does not claim it)
             with_value(SUGGESTED_NORMAL_USER, NORMAL_USER),
         ]
+        if "baseimage" in self.probed:
+            caps.append(Cap.BASEIMAGE)
+        if "kvm" in self.probed:
+            caps.append(Cap.NESTED_KVM)
+        return caps
 
     # ---- testbed -------------------------------------------------------------------------
+
+    def _base_image(self) -> BaseImage | None:
+        if self.base_request is None or self.base is not None:
+            return self.base
+        if self.base_request:
+            self.base = _named_base_image(Path(self.base_request))
+        else:
+            image = ensure_image(
+                BuildOptions(
+                    release=self.release, arch=self.arch, mirror=self.args.mirror, nested=True
+                ),
+                progress=PlainProgress(),
+            )
+            if image.root_tarball is None:
+                raise ServerFailure(
+                    f"image {image.directory} has no root tarball (built by an older nestbed):"
+                    f" remove it (nestbed image remove {image.name}) to have it rebuilt"
+                )
+            self.base = BaseImage(image.disk, image.root_tarball, image.name)
+        self.debug(f"exporting {self.base.disk} as the base image ({self.base.label})")
+        if not self.user_tarball and self.base.root_tarball is not None:
+            self.tarball = self.base.root_tarball
+            self.debug(f"the container runs on the base image's own root ({self.tarball})")
+        return self.base
 
     def _tarball(self) -> Path:
         if self.tarball is None:
@@ -158,10 +242,21 @@ Examples:
 
     def _start(self) -> None:
         try:
+            try:
+                base = self._base_image()
+            except NestbedError as e:
+                if not self.base_hinted:
+                    raise
+                self.warn(f"cannot export a base image, a test that needs it is skipped: {e}")
+                self.base_request, self.kvm, base = None, False, None
             tarball = self._tarball()
+            disk = base.disk if base is not None else None
+            devices = ("kvm",) if self.kvm else ()
             if not self.unpack:
                 tree = rootfs.shared_root(tarball, NORMAL_USER, self.userns)
-                config = ContainerConfig(tree, True, rootfs.mountpoint(), self.userns, self.binds)
+                config = ContainerConfig(
+                    tree, True, rootfs.mountpoint(), self.userns, self.binds, disk, devices
+                )
                 try:
                     self._run(config)
                     return
@@ -173,7 +268,11 @@ Examples:
                 self.private = rootfs.private_root(
                     tarball, NORMAL_USER, self.userns, self.args.prefix, self.unpack_dir
                 )
-            self._run(ContainerConfig(self.private, False, self.private, self.userns, self.binds))
+            self._run(
+                ContainerConfig(
+                    self.private, False, self.private, self.userns, self.binds, disk, devices
+                )
+            )
         except NestbedError as e:
             raise ServerFailure(str(e)) from None
 
@@ -182,6 +281,22 @@ Examples:
             self.container = Container(config)
             self.container.start()
         self.debug(f"container PID 1 is {self.container.pid}")
+        if config.baseimage is not None:
+            self._probe()
+
+    def _probe(self) -> None:
+        """Advertise the base image and nested KVM only as a test in this container gets them."""
+        result = self.execute(["sh", "-c", PROBE], timeout=60)
+        found = frozenset(
+            line.partition("=")[0]
+            for line in result.stdout.decode(errors="replace").splitlines()
+            if line.endswith("=ok")
+        )
+        if "baseimage" not in found:
+            self.warn("the container does not see the base image read-only: not advertising it")
+        if self.kvm and "kvm" not in found:
+            self.warn("/dev/kvm does not open in the container: not advertising nested-kvm")
+        self.probed = found
 
     def _stop(self) -> None:
         container, self.container = self.container, None
@@ -226,6 +341,32 @@ def sbuild_tarball(release: str, arch: str, env: Mapping[str, str]) -> Path | No
     cache = env.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
     found = sorted(Path(cache, "sbuild").glob(f"{glob.escape(release)}-{glob.escape(arch)}.t*"))
     return next((p.absolute() for p in found if p.is_file()), None)
+
+
+def _base_request(args: argparse.Namespace, env: Mapping[str, str]) -> str | None:
+    if args.no_baseimage:
+        return None
+    if args.baseimage is not None:
+        return str(args.baseimage)
+    return "" if env.get(WANT_BASEIMAGE) == "1" else None
+
+
+def _check_base_path(path: str) -> None:
+    if not os.path.exists(path):
+        raise ServerFailure(f"--baseimage={path}: no such file")
+    if not os.path.isdir(path) and not os.access(path, os.R_OK):
+        raise ServerFailure(f"--baseimage={path}: not readable")
+
+
+def _named_base_image(path: Path) -> BaseImage:
+    """--baseimage=PATH: a nestbed image (its directory or disk.img), else any disk file."""
+    if path.is_dir() or (path.parent / MANIFEST).is_file():
+        try:
+            image = ImagePaths.load(path)
+        except NestbedError as e:
+            raise ServerFailure(f"--baseimage={path}: {e}") from None
+        return BaseImage(image.disk.absolute(), image.root_tarball, image.name)
+    return BaseImage(path.absolute(), None, str(path))
 
 
 def _check_binds(binds: list[list[str]]) -> tuple[tuple[str, str], ...]:
