@@ -22,7 +22,7 @@ from pathlib import Path
 
 from nestbed.container.container import ContainerError, userns_argv
 from nestbed.container.tarball import tarball_root
-from nestbed.image.cache import ImageCache, clean_stale
+from nestbed.image.cache import ROOT_TARBALL, ImageCache, clean_stale
 from nestbed.proc import CommandFailed, remove_tree, run
 
 # bumped when what unpacking does to a tree changes
@@ -99,7 +99,10 @@ def _key(tarball: Path, user: str, userns: bool) -> str:
     real = os.path.realpath(tarball)
     ids = f"userns-{os.geteuid()}" if userns else "root"
     text = f"{RECIPE}\n{real}\n{st.st_size}\n{st.st_mtime_ns}\n{st.st_ino}\n{user}\n{ids}"
-    return f"{tarball.name.split('.')[0]}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    name = tarball.name.split(".")[0]
+    if tarball.name == ROOT_TARBALL:  # an image's: the tree is named after the image
+        name = tarball.parent.name
+    return f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 def shared_root(tarball: Path, user: str, userns: bool, root: Path | None = None) -> Path:
