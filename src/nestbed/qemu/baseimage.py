@@ -8,6 +8,7 @@ has /dev/baseimage and /lib/autopkgtest/baseimage and reports whether KVM works 
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -59,6 +60,17 @@ if [ -n "$1" ]; then
   echo "nestbed-probe:baseimage=$base"
 fi
 """
+
+
+def add_export_options(parser: argparse.ArgumentParser, baseimage_help: str) -> None:
+    """--baseimage[=PATH] and --no-baseimage, as every server that exports one takes them."""
+    export = parser.add_mutually_exclusive_group()
+    export.add_argument("--baseimage", nargs="?", const="", metavar="PATH", help=baseimage_help)
+    export.add_argument(
+        "--no-baseimage",
+        action="store_true",
+        help="never export the base image (not even when a test needs it)",
+    )
 
 
 def _resolved(path: Path) -> Path:

@@ -53,7 +53,13 @@ from nestbed.image import cache as cache_mod
 from nestbed.image import foreign as foreign_mod
 from nestbed.image.cache import MANIFEST, ImagePaths
 from nestbed.qemu import accel as accel_mod
-from nestbed.qemu.baseimage import GUEST_BASEIMAGE, GUEST_PROBE, choose_base_image, probe_results
+from nestbed.qemu.baseimage import (
+    GUEST_BASEIMAGE,
+    GUEST_PROBE,
+    add_export_options,
+    choose_base_image,
+    probe_results,
+)
 from nestbed.qemu.copies import CopyContext, GuestCopies
 from nestbed.qemu.execclient import helper_argv
 from nestbed.qemu.machine import Drive, Machine, MachineConfig, MachineError, file_tail
@@ -222,19 +228,10 @@ Examples:
             action="store_true",
             help="boot every testbed; neither use nor save a ready state",
         )
-        export = parser.add_mutually_exclusive_group()
-        export.add_argument(
-            "--baseimage",
-            nargs="?",
-            const="",
-            metavar="PATH",
-            help="export the base image to the guest read-only (/dev/baseimage, "
+        add_export_options(
+            parser,
+            "export the base image to the guest read-only (/dev/baseimage, "
             f"{GUEST_BASEIMAGE}); with several images, =PATH names the one",
-        )
-        export.add_argument(
-            "--no-baseimage",
-            action="store_true",
-            help="never export the base image (not even when a test needs it)",
         )
         parser.add_argument(
             "images",

@@ -43,6 +43,7 @@ from nestbed.image import BuildOptions, ImagePaths, ensure_image
 from nestbed.image.cache import MANIFEST
 from nestbed.image.progress import PlainProgress
 from nestbed.qemu.accel import kvm_problem
+from nestbed.qemu.baseimage import GUEST_BASEIMAGE, add_export_options
 from nestbed.testbed.protocol import ServerFailure, VirtServer, run_server
 
 # the name autopkgtest-virt-unshare gives its normal user, so tests see the same
@@ -140,21 +141,12 @@ Examples:
         parser.add_argument(
             "-t", "--tarball", help="root tarball to use (default: build one and cache it)"
         )
-        export = parser.add_mutually_exclusive_group()
-        export.add_argument(
-            "--baseimage",
-            nargs="?",
-            const="",
-            metavar="PATH",
-            help="export a base image read-only (/dev/baseimage, /lib/autopkgtest/baseimage): "
+        add_export_options(
+            parser,
+            f"export a base image read-only (/dev/baseimage, {GUEST_BASEIMAGE}): "
             "PATH, a nestbed image or a disk; without PATH the --nested image of the release "
             "(built once), whose own root tree the container then runs on (nestbed-vm "
             "included) unless -t is given. Default: only when a test needs it",
-        )
-        export.add_argument(
-            "--no-baseimage",
-            action="store_true",
-            help="never export a base image (not even when a test needs it)",
         )
         parser.add_argument(
             "--userns",
