@@ -61,8 +61,7 @@ sys.path.insert(1, str(REPO / "tests"))  # bench/ itself is sys.path[0]
 from qemu_testbed import BIN, ready, run_tests  # noqa: E402
 
 from autopkgtest_image import ensure_autopkgtest_image  # noqa: E402
-from tests_support import write_package  # noqa: E402
-from virt.test_autopkgtest_image import WRAPPER  # noqa: E402
+from tests_support import tcg_qemu_wrapper, write_package  # noqa: E402
 
 QEMU = "qemu-system-x86_64"
 MACHINE = ["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2"]
@@ -402,9 +401,7 @@ def bench(disk: Path, work: Path, runs: int, n: int, skip_autopkgtest: bool) -> 
 
     # 5
     if not skip_autopkgtest:
-        wrapper = work / "qemu-tcg"
-        wrapper.write_text(WRAPPER)
-        wrapper.chmod(0o755)
+        wrapper = tcg_qemu_wrapper(work)
         server = ["qemu", "--qemu-command", str(wrapper), "--ram-size", "2048", "--cpus", "2",
                   "--timeout-reboot", "300", str(disk)]  # fmt: skip
         say(f"autopkgtest: autopkgtest -d -B PKG -- {' '.join(server)}")

@@ -34,6 +34,13 @@ def nested_image() -> ImagePaths:
 
 
 @pytest.fixture(scope="session")
+def generic_kernel_image() -> ImagePaths:
+    """A minimal image with Debian's standard kernel (--kernel generic): the nestbed image
+    autopkgtest-virt-qemu can use (it shares files through 9p)."""
+    return _cached_image(BuildOptions(kernel="generic"))
+
+
+@pytest.fixture(scope="session")
 def autopkgtest_image() -> Path:
     """An image laid out as autopkgtest-build-qemu's (BIOS, syslinux, setup-testbed's root
     shell on ttyS1, no nestbed agent): the qcow2 disk, built once into the same cache."""

@@ -159,3 +159,30 @@ def fake_image(directory: Path) -> Path:
     for name in ("disk.img", "vmlinuz", "initrd.img"):
         (directory / name).write_bytes(b"\0" * 4096)
     return directory
+
+
+_TCG_QEMU_WRAPPER = """#!/bin/sh
+# autopkgtest adds -enable-kvm when /dev/kvm exists, and KVM hangs stock kernels here:
+# drop its accelerator and CPU choices and run under TCG.
+set -eu
+for arg in "$@"; do
+    shift
+    if [ -n "${skip:-}" ]; then skip=; continue; fi
+    case "$arg" in
+        -enable-kvm) ;;
+        -accel|-cpu) skip=1 ;;
+        -accel=*|-cpu=*|--accel=*|--cpu=*) ;;
+        *) set -- "$@" "$arg" ;;
+    esac
+done
+exec qemu-system-x86_64 -accel tcg -cpu max "$@"
+"""
+
+
+def tcg_qemu_wrapper(directory: Path) -> Path:
+    """A qemu-system-x86_64 for autopkgtest-virt-qemu's --qemu-command that runs under TCG
+    whatever autopkgtest asks for (written into directory, executable)."""
+    wrapper = directory / "qemu-tcg"
+    wrapper.write_text(_TCG_QEMU_WRAPPER)
+    wrapper.chmod(0o755)
+    return wrapper

@@ -129,8 +129,15 @@ def test_options_and_key() -> None:
         BuildOptions(include=("rm -rf /",))
     with pytest.raises(ImageError, match="too small"):
         BuildOptions(size=1 << 20)
+    with pytest.raises(ImageError, match=r"unknown kernel 'rt' \(known: cloud, generic\)"):
+        BuildOptions(kernel="rt")
     nested = BuildOptions(nested=True, include=("hello",))
     assert nested.flavour == "nested"
+    assert "linux-image-cloud-amd64" in nested.packages
+    generic = BuildOptions(kernel="generic")
+    assert generic.flavour == "minimal-generic"
+    assert "linux-image-amd64" in generic.packages
+    assert "linux-image-cloud-amd64" not in generic.packages
     assert {"qemu-system-x86", "qemu-utils", "hello", "python3"} <= set(nested.packages)
     mirror = "http://127.0.0.1:9/debian"
     a, b = plan(BuildOptions(mirror=mirror)), plan(BuildOptions(mirror=mirror, nested=True))
@@ -138,6 +145,9 @@ def test_options_and_key() -> None:
         "bookworm-amd64-nested-"
     )
     assert a.key != b.key and a.key == plan(BuildOptions(mirror=mirror)).key
+    assert plan(BuildOptions(mirror=mirror, kernel="generic")).key.startswith(
+        "bookworm-amd64-minimal-generic-"
+    )
     argv = mmdebstrap_argv(a, Path("/r"), None, wrap=False)
     assert argv[0] == "mmdebstrap" and argv[-3:] == [
         "bookworm",

@@ -28,6 +28,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
         ("nested-nfs", ["-U"], "nfs-kernel-client", "received 4 MiB from the level-2 VM"),
         ("nested-nbd", ["-U"], "nbd-kernel-client", "4 MiB from the level-2 VM over NBD"),
         ("nested-iscsi", ["-U"], "iscsi-kernel-client", "4 MiB from the level-2 VM over iSCSI"),
+        ("nested-cifs", ["-U"], "cifs-kernel-client", "4 MiB from the level-2 VM over CIFS"),
     ],
 )
 def test_example_passes(

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from nestbed.image import ImagePaths
 from nestbed.image.foreign import firmware_for, first_sector
 from nestbed.qemu.machine import OVMF_CODE, OVMF_VARS
-from tests_support import sha256, write_package
+from tests_support import nestbed_argv, sha256, tcg_qemu_wrapper, write_package
 
 pytestmark = pytest.mark.vm
 
@@ -31,23 +32,6 @@ AUTOPKGTEST_TIMEOUT = 1200
 # autopkgtest-virt-qemu waits 60 s for the login prompt by default: too short under TCG
 # on a shared 2-core machine
 BOOT_TIMEOUT = 300
-
-WRAPPER = """#!/bin/sh
-# autopkgtest adds -enable-kvm when /dev/kvm exists, and KVM hangs stock kernels here:
-# drop its accelerator and CPU choices and run under TCG.
-set -eu
-for arg in "$@"; do
-    shift
-    if [ -n "${skip:-}" ]; then skip=; continue; fi
-    case "$arg" in
-        -enable-kvm) ;;
-        -accel|-cpu) skip=1 ;;
-        -accel=*|-cpu=*|--accel=*|--cpu=*) ;;
-        *) set -- "$@" "$arg" ;;
-    esac
-done
-exec qemu-system-x86_64 -accel tcg -cpu max "$@"
-"""
 
 
 class Serial:
@@ -224,9 +208,7 @@ def test_autopkgtest_qemu_testbed_runs_a_test(autopkgtest_image: Path, tmp_path:
     if not os.path.exists("/usr/bin/autopkgtest"):
         pytest.skip("needs autopkgtest")
     before = sha256(autopkgtest_image)
-    wrapper = tmp_path / "qemu-tcg"
-    wrapper.write_text(WRAPPER)
-    wrapper.chmod(0o755)
+    wrapper = tcg_qemu_wrapper(tmp_path)
     pkg = write_package(
         tmp_path / "pkg",
         {"smoke": '#!/bin/sh\nset -e\n[ "$(id -u)" = 0 ]\necho smoke-ran-as-root\n'},
@@ -246,3 +228,47 @@ def test_autopkgtest_qemu_testbed_runs_a_test(autopkgtest_image: Path, tmp_path:
     assert re.search(r"^smoke\s+PASS\b", proc.stdout, re.M), proc.stdout
     assert "smoke-ran-as-root" in (tmp_path / "out" / "log").read_text(errors="replace")
     assert sha256(autopkgtest_image) == before
+
+
+@pytest.mark.autopkgtest
+def test_autopkgtest_qemu_runs_a_test_on_a_nestbed_image(
+    generic_kernel_image: ImagePaths, tmp_path: Path
+) -> None:
+    """Interop the other way round: autopkgtest 5.28's own QEMU testbed boots a nestbed
+    image (built with --kernel generic) from its disk, finds the root shell on hvc1 and runs
+    a root test in it; nestbed runs the same package on the same image; the disk is
+    unchanged after both."""
+    if not os.path.exists("/usr/bin/autopkgtest"):
+        pytest.skip("needs autopkgtest")
+    disk = generic_kernel_image.disk
+    before = sha256(disk)
+    pkg = write_package(
+        tmp_path / "pkg",
+        {"smoke": "#!/bin/sh\nset -e\n[ \"$(id -u)\" = 0 ]\n"
+                  "echo \"ran as root on $(uname -r)\"\ncat /etc/nestbed/image.json\n"},
+        "Tests: smoke\nDepends:\nRestrictions: needs-root\n",
+    )  # fmt: skip
+    # -U: autopkgtest needs dpkg-dev in the testbed for a source tree, and nestbed's images
+    # carry no package lists
+    proc = subprocess.run(
+        ["autopkgtest", "-U", "--no-built-binaries", "-o", str(tmp_path / "out"), str(pkg), "--",
+         "qemu", "--qemu-command", str(tcg_qemu_wrapper(tmp_path)), "--ram-size", "2048",
+         "--cpus", "2", "--timeout-reboot", str(BOOT_TIMEOUT), str(disk)],
+        capture_output=True, text=True, timeout=AUTOPKGTEST_TIMEOUT, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"^smoke\s+PASS\b", proc.stdout, re.M), proc.stdout
+    log = (tmp_path / "out" / "log").read_text(errors="replace")
+    kernel = generic_kernel_image.manifest.kernel_version
+    assert f"ran as root on {kernel}" in log and kernel.endswith("-amd64"), log[-2000:]
+    assert f'"name": "{generic_kernel_image.name}"' in log, log[-2000:]
+
+    res = subprocess.run(
+        [*nestbed_argv(), "--no-built-binaries", str(pkg), "--", "qemu",
+         str(generic_kernel_image.directory)],
+        capture_output=True, text=True, timeout=AUTOPKGTEST_TIMEOUT, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    assert re.search(r"^smoke\s+PASS\b", res.stdout, re.M), res.stdout
+    assert f"ran as root on {kernel}" in res.stdout + res.stderr
+    assert sha256(disk) == before

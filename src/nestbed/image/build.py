@@ -254,7 +254,9 @@ class Builder:
     def _kernel(self, rootfs: Path, staging: Path) -> str:
         kernels = sorted((rootfs / "boot").glob("vmlinuz-*"))
         if not kernels:
-            raise ImageError("no kernel in the image (is linux-image-cloud-amd64 installable?)")
+            raise ImageError(
+                f"no kernel in the image (is {self.plan.options.kernel_package} installable?)"
+            )
         version = kernels[-1].name.removeprefix("vmlinuz-")
         try:
             info = json.loads((rootfs / contents.IMAGE_JSON).read_text())

@@ -14,7 +14,9 @@ from nestbed.image.build import build, ensure_image, plan
 from nestbed.image.cache import ImageCache
 from nestbed.image.config import (
     ARCHES,
+    DEFAULT_KERNEL,
     DEFAULT_RELEASE,
+    KERNELS,
     RELEASES,
     BuildOptions,
     format_size,
@@ -73,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
         help="add QEMU, so tests can boot the image again inside it",
     )
     b.add_argument(
+        "--kernel",
+        default=DEFAULT_KERNEL,
+        help=f"{'|'.join(KERNELS)} (default: %(default)s). cloud boots fastest; generic is"
+        " Debian's standard kernel, which also has 9p: autopkgtest-virt-qemu needs it to use"
+        " the image",
+    )
+    b.add_argument(
         "--size", default="4G", help="virtual disk size (default: %(default)s; the file is sparse)"
     )
     b.add_argument("--include", metavar="PKG,...", default="", help="more packages to install")
@@ -99,6 +108,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         arch=args.arch,
         mirror=args.mirror,
         nested=args.nested,
+        kernel=args.kernel,
         size=parse_size(args.size),
         include=tuple(p.strip() for p in args.include.split(",") if p.strip()),
     )

@@ -12,9 +12,13 @@ ARCHES = ("amd64",)
 DEFAULT_RELEASE = "bookworm"
 DEFAULT_SIZE = 4 << 30
 
-# What every image has. linux-image-cloud-amd64: boots fast, has virtio-serial, NBD, NFS,
-# KVM as modules (no 9p). python3: the control agent.
-BASE_PACKAGES = ("linux-image-cloud-amd64", "systemd-sysv", "udev", "python3")
+# The kernels an image can have. cloud (the default): boots fast, has virtio-serial, NBD,
+# NFS, KVM as modules, but no 9p. generic: Debian's standard kernel, bigger and slower to
+# boot, with 9p -- the file system autopkgtest-virt-qemu shares files with its guest through.
+KERNELS = {"cloud": "linux-image-cloud-amd64", "generic": "linux-image-amd64"}
+DEFAULT_KERNEL = "cloud"
+# What every image has beside its kernel. python3: the control agent.
+BASE_PACKAGES = ("systemd-sysv", "udev", "python3")
 # What a test needs to boot the image again inside the VM -- by hand or with nestbed itself,
 # which the nested image carries (its dependencies: python3-debian, python3-rich; debugfs
 # from e2fsprogs reads a bare base image's /etc/nestbed/image.json).
@@ -49,6 +53,7 @@ class BuildOptions:
     arch: str = "amd64"
     mirror: str | None = None  # None: the mirror the machine's apt uses
     nested: bool = False
+    kernel: str = DEFAULT_KERNEL
     size: int = DEFAULT_SIZE
     include: tuple[str, ...] = field(default_factory=tuple)
 
@@ -57,6 +62,8 @@ class BuildOptions:
             raise ImageError(f"unknown release {self.release!r} (known: {', '.join(RELEASES)})")
         if self.arch not in ARCHES:
             raise ImageError(f"unsupported architecture {self.arch!r} (known: {', '.join(ARCHES)})")
+        if self.kernel not in KERNELS:
+            raise ImageError(f"unknown kernel {self.kernel!r} (known: {', '.join(KERNELS)})")
         if self.size < 512 << 20:
             raise ImageError(f"image size {format_size(self.size)} is too small (at least 512M)")
         for pkg in self.include:
@@ -67,10 +74,17 @@ class BuildOptions:
 
     @property
     def flavour(self) -> str:
-        return "nested" if self.nested else "minimal"
+        base = "nested" if self.nested else "minimal"
+        return base if self.kernel == DEFAULT_KERNEL else f"{base}-{self.kernel}"
+
+    @property
+    def kernel_package(self) -> str:
+        return KERNELS[self.kernel]
 
     @property
     def packages(self) -> tuple[str, ...]:
         extra = NESTED_PACKAGES if self.nested else ()
-        seen: dict[str, None] = dict.fromkeys((*BASE_PACKAGES, *extra, *self.include))
+        seen: dict[str, None] = dict.fromkeys(
+            (self.kernel_package, *BASE_PACKAGES, *extra, *self.include)
+        )
         return tuple(seen)

@@ -33,6 +33,7 @@ HOSTNAME = "nestbed"
 # disk with the same file system UUID, cannot be taken for it (see disk.py for the layout)
 CMDLINE = f"root=/dev/disk/by-id/virtio-{ROOT_SERIAL}-part2 rw console=ttyS0,115200"
 AGENT_PATH = "/usr/lib/nestbed/agent.py"
+ROOT_SHELL_UNIT = "nestbed-root-shell"  # @hvc1: the root shell autopkgtest-virt-qemu drives
 
 AGENT_UNIT = f"""\
 [Unit]
@@ -71,6 +72,30 @@ SUBSYSTEM=="block", KERNEL=="vd*[0-9]", ATTRS{{serial}}=="{BASE_SERIAL}", \\
 # it with the root disk), and tell udisks to leave it alone.
 SUBSYSTEM=="block", KERNEL=="vd*", ATTRS{{serial}}=="{BASE_SERIAL}", \\
   ENV{{UDEV_DISABLE_PERSISTENT_STORAGE_RULES_FLAG}}="1", ENV{{UDISKS_IGNORE}}="1"
+
+# nestbed: a root shell on the second virtio console, which only autopkgtest-virt-qemu gives
+# a machine (nestbed's own QEMU has none): it drives its testbeds through that shell
+SUBSYSTEM=="tty", KERNEL=="hvc1", TAG+="systemd", \\
+  ENV{{SYSTEMD_WANTS}}+="{ROOT_SHELL_UNIT}@hvc1.service"
+"""
+
+# the root shell autopkgtest-virt-qemu looks for (its own builders' setup-testbed starts one
+# on ttyS1 and hvc1); started by udev when the console appears, after basic.target
+ROOT_SHELL = """\
+[Unit]
+Description=nestbed: root shell on %I (for autopkgtest-virt-qemu)
+BindsTo=dev-%i.device
+After=dev-%i.device
+
+[Service]
+ExecStart=/bin/sh
+StandardInput=tty-fail
+StandardOutput=tty
+StandardError=tty
+TTYPath=/dev/%I
+SendSIGHUP=yes
+# a closed console ends the shell: that is not a failure
+SuccessExitStatus=0 SIGHUP SIGINT SIGTERM SIGPIPE
 """
 
 # KVM for nested VMs: the CPU modules are not loaded on demand in the guest
@@ -108,6 +133,7 @@ FILES: dict[str, tuple[str, int]] = {
     "etc/systemd/system/nestbed-agent.service": (AGENT_UNIT, 0o644),
     "etc/udev/rules.d/60-nestbed.rules": (UDEV_RULES, 0o644),
     "etc/systemd/system/nestbed-kvm.service": (KVM_UNIT, 0o644),
+    f"etc/systemd/system/{ROOT_SHELL_UNIT}@.service": (ROOT_SHELL, 0o644),
     "etc/systemd/network/80-nestbed-dhcp.network": (NETWORK, 0o644),
     "etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf": (AUTOLOGIN, 0o644),
     "etc/hostname": (HOSTNAME + "\n", 0o644),
@@ -124,7 +150,8 @@ FILES: dict[str, tuple[str, int]] = {
 SETUP_FILES: dict[str, tuple[str, int]] = {
     "etc/initramfs-tools/conf.d/nestbed.conf": ("MODULES=list\n", 0o644),
     "usr/share/initramfs-tools/modules.d/nestbed": (
-        "virtio_pci\nvirtio_blk\nvirtio_scsi\nsd_mod\n",
+        # ext4: built into the cloud kernel, a module of the generic one
+        "virtio_pci\nvirtio_blk\nvirtio_scsi\nsd_mod\next4\n",
         0o644,
     ),
 }
