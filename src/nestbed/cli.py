@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import NoReturn
 
-from nestbed import errors
+from nestbed import errors, trace
 from nestbed.log import DEBUG, INFO, PLAIN, QUIET, program_name
 from nestbed.run.options import DEFAULT_TIMEOUTS, RunOptions, Timeouts
 from nestbed.run.setup import APT_UPGRADE, SetupRequest, read_command
@@ -556,6 +556,7 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    trace.process_ready("nestbed")
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["image"]:
         from nestbed.image.cli import main as image_main

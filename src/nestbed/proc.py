@@ -27,11 +27,13 @@ import shlex
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal, TypeAlias
 
+from nestbed import trace
 from nestbed.errors import NestbedError
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,8 @@ def spawn(
     """
     args = [os.fspath(a) for a in argv]
     log.debug("running %s", cmdline(args))
+    if trace.enabled():
+        trace.record("spawn", cmdline(args), time.monotonic())
     try:
         return subprocess.Popen(
             args,

@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 
+from nestbed import trace
 from nestbed.guest.agent import CHUNK, Decoder, FrameType
 from nestbed.guest.frameclient import (
     EXIT_HELPER_FAILED,
@@ -167,6 +168,7 @@ def helper_argv(socket_path: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    trace.process_ready("exec helper")
     args = sys.argv[1:] if argv is None else argv
     if len(args) < 2:
         sys.stderr.write("usage: nestbed.qemu.execclient SOCKET COMMAND [ARG...]\n")

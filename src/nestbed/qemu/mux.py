@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from nestbed import trace
 from nestbed.guest.agent import CHUNK, Decoder, Frame, FrameType, encode, encode_json
 from nestbed.guest.frameclient import (
     EXIT_HELPER_FAILED,
@@ -142,6 +143,7 @@ class Mux:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._clients: set[_Client] = set()
         self._routes: dict[int, tuple[_Client | None, int]] = {}
+        self._traced: dict[int, tuple[float, str]] = {}  # agent stream -> (sent, what)
         self._next = 1
         # the agent's output window (0: an agent without one), and per agent stream the
         # output bytes handed to clients or dropped that the agent has not had back yet
@@ -480,6 +482,8 @@ class Mux:
                 continue
             client, cs = route
             if frame.type in _LAST:
+                if (sent := self._traced.pop(frame.stream, None)) is not None:
+                    trace.record("guest", sent[1], sent[0], time.monotonic())
                 del self._routes[frame.stream]
                 self._unacked.pop(frame.stream, None)
                 if client is not None:
@@ -650,6 +654,8 @@ class Mux:
                 c.streams[cs] = agent_stream
                 self._routes[agent_stream] = (c, cs)
                 self._agent_out += encode(t, agent_stream, frame.payload)
+                if trace.enabled():
+                    self._traced[agent_stream] = (time.monotonic(), _traced_request(t, frame))
         elif t in (FrameType.STDIN, FrameType.SIGNAL) or (
             t == FrameType.OUTPUT_ACK and c.sock is None
         ):
@@ -684,6 +690,16 @@ class Mux:
                 line = data[at:].split(b"\n", 1)[0].decode("utf-8", "replace").strip()
                 self._die(f"the guest kernel panicked: {line}")
                 return
+
+
+def _traced_request(ftype: int, frame: Frame) -> str:
+    """What a request asks, for the trace: its type and command line or path."""
+    try:
+        request = json.loads(frame.payload)
+        detail = request.get("argv") or request.get("path") or ""
+    except (ValueError, AttributeError):
+        detail = ""
+    return f"{FrameType(ftype).name.lower()} {detail}"
 
 
 def _message(text: str) -> bytes:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
+from nestbed import trace
 from nestbed.errors import TestbedFailure
 from nestbed.log import Console
 from nestbed.proc import DEVNULL, PIPE, TimeoutExpired, stop
@@ -300,6 +301,7 @@ def _run_once(
 ) -> tuple[int, bool, bytes]:
     """One run of the test command: exit status, whether the testbed stopped answering,
     and the wrapper's notes."""
+    started = time.monotonic()
     proc = testbed.popen(argv, stdin=DEVNULL, stdout=PIPE, stderr=PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     stderr = StderrSplitter(console.write_stderr, err)
@@ -325,6 +327,7 @@ def _run_once(
         raise
     for t in pumps:
         t.join(timeout=10)
+    trace.record("exec", "the test: " + shlex.join(argv[-3:]), started, time.monotonic())
     return returncode, stuck, bytes(stderr.notes)
 
 

@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Mapping
 from importlib.resources import files
 
-from nestbed import errors
+from nestbed import errors, trace
 from nestbed.capabilities import Cap
 from nestbed.log import DEBUG, Console
 from nestbed.run.binaries import Binaries
@@ -117,6 +117,10 @@ class TestbedLifecycle:
 
     def _after_open(self) -> None:
         """What every freshly opened (or reverted) testbed needs before tests run."""
+        with trace.span("step", "set up the opened testbed"):
+            self._set_up()
+
+    def _set_up(self) -> None:
         tb = self.testbed
         self.install_helpers()
         if self.user is None:

@@ -8,7 +8,7 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import replace
 
-from nestbed import errors
+from nestbed import errors, trace
 from nestbed.capabilities import Cap
 from nestbed.log import Console
 from nestbed.report.results import TestResult, Verdict
@@ -67,6 +67,10 @@ class TestCaseRunner:
 
     def run(self, tree: SourceTree, test: TestSpec, blamed: Sequence[str]) -> None:
         """Run `test` in `tree` on a testbed `TestbedLifecycle.reset` made ready for it."""
+        with trace.span("step", f"test {test.name}"):
+            self._run(tree, test, blamed)
+
+    def _run(self, tree: SourceTree, test: TestSpec, blamed: Sequence[str]) -> None:
         life = self.lifecycle
         try:
             self._install(test)

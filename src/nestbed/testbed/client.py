@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import IO, NamedTuple
 
+from nestbed import trace
 from nestbed.capabilities import SUGGESTED_NORMAL_USER, Cap, value_of
 from nestbed.errors import TestbedFailure, UsageError, VirtServerError
 from nestbed.proc import DEVNULL, PIPE, CommandFailed, Process, Stream, TimeoutExpired, spawn, stop
@@ -456,8 +457,9 @@ class Testbed:
             timeout = default_timeout if default_timeout is not None else ANSWER_TIMEOUTS[cmd]
         line = format_line([cmd, *(quote_word(a) for a in args)])
         self._busy = True
-        self._send(line)
-        words = self._read_answer(cmd, line, timeout)
+        with trace.span("virt", line):
+            self._send(line)
+            words = self._read_answer(cmd, line, timeout)
         self._busy = False
         if not words or words[0] != "ok":
             answer = " ".join(words)
@@ -559,6 +561,7 @@ class Testbed:
         self._require_open("execute a command")
         real = self._wrap(argv, env, user)
         self._debug(f"execute: {shlex.join(real)}")
+        started = time.monotonic()
         pipe = PIPE if capture else None
         proc = self._spawn_exec(
             real, stdin=PIPE if stdin is not None else DEVNULL, stdout=pipe, stderr=pipe
@@ -579,6 +582,7 @@ class Testbed:
         except BaseException:
             stop(proc, grace=0, kill_wait=None)
             raise
+        trace.record("exec", shlex.join(argv), started, time.monotonic())
         out = out or b""
         err = err or b""
         if proc.returncode in _EXEC_PREFIX_FAILED:

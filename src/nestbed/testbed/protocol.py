@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import BinaryIO, ClassVar, NoReturn
 from urllib.parse import quote, unquote
 
-from nestbed import log, proc
+from nestbed import log, proc, trace
 from nestbed.capabilities import Cap
 from nestbed.signals import Interrupted, ShutdownOnSignals, die_of
 
@@ -694,7 +694,8 @@ def _main_loop(dispatcher: _CommandDispatcher, proto_in: BinaryIO) -> NoReturn:
         line = raw_line.decode("UTF-8", "surrogateescape").strip()
         if not line:
             continue  # blank lines are skipped, as VirtSubproc does
-        dispatcher.dispatch(line)
+        with trace.span("server", line):
+            dispatcher.dispatch(line)
 
 
 def common_parser(name: str) -> argparse.ArgumentParser:
@@ -718,6 +719,7 @@ def server_parser(server_class: type[VirtServer]) -> argparse.ArgumentParser:
 
 def run_server(server_class: type[VirtServer], argv: Sequence[str] | None = None) -> NoReturn:
     """Parse the common and the server's own options, then serve; never returns."""
+    trace.process_ready(f"nestbed-virt-{server_class.name}")
     parser = server_parser(server_class)
     args = parser.parse_args(argv)
     log.setup(f"nestbed-virt-{server_class.name}", log.PLAIN, debug=args.debug)
