@@ -11,14 +11,12 @@ import pytest
 
 from nestbed.run.kernlog import (
     LEVEL2_PREFIX,
-    MARK_ARGV,
     READ_ARGV,
-    Mark,
     console_problems,
     last_sequence,
-    mark,
+    mark_script,
     problems,
-    since,
+    since_mark,
 )
 
 REPORTS = [
@@ -91,26 +89,48 @@ class _Result(NamedTuple):
     stdout: bytes
 
 
-class _FakeTestbed:
-    """A testbed whose kernel log is `log` of boot `boot` (a fake: the VM test is
-    tests/run/test_kernel_warnings.py)."""
-
-    def __init__(self, boot: str, log: str) -> None:
-        self.boot, self.log = boot, log
+class _HostTestbed:
+    """This machine as the testbed (the tests run as root, as the runner on a VM testbed):
+    commands run here for real (the VM test is tests/run/test_kernel_warnings.py)."""
 
     def execute(self, argv: list[str], timeout: float) -> _Result:
-        records = self.log.splitlines()[-1:] if argv == MARK_ARGV else self.log.splitlines()
-        return _Result(0, "\n".join([self.boot, *records, ""]).encode())
+        r = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+        return _Result(r.returncode, r.stdout)
 
 
-def test_a_reboot_during_the_test_makes_the_new_boots_log_the_tests() -> None:
-    tb = _FakeTestbed("boot-1", kmsg(["a", "b", "c", "d", "e"]))
-    start = mark(tb, 10)  # type: ignore[arg-type]
-    assert start == Mark("boot-1", 5)
-    tb.log = kmsg(["a", "b", "c", "d", "e", REPORTS[0]])
-    assert since(tb, start, 10) == [REPORTS[0]]  # type: ignore[arg-type]
-    tb.boot, tb.log = "boot-2", kmsg([REPORTS[1], "boot"])  # fewer records than the mark
-    assert since(tb, start, 10) == [REPORTS[1]]  # type: ignore[arg-type]
+def _log(message: str) -> None:
+    with open("/dev/kmsg", "w") as kmsg:
+        kmsg.write(message + "\n")
+
+
+def test_what_is_logged_after_the_mark_is_found(tmp_path: Path) -> None:
+    mark = tmp_path / "mark"
+    subprocess.run(["sh", "-c", mark_script(str(mark))], check=True)
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert mark.read_text().startswith(boot_id + "\n")
+    report = f"WARNING: CPU: 0 PID: 1 at nestbed/test_kernlog.py:{tmp_path.name} (a test)"
+    _log(report)
+    found = since_mark(_HostTestbed(), str(mark), 30)  # type: ignore[arg-type]
+    assert found.marked and found.problems is not None and report in found.problems
+    # marked again after it: nothing new
+    subprocess.run(["sh", "-c", mark_script(str(mark))], check=True)
+    found = since_mark(_HostTestbed(), str(mark), 30)  # type: ignore[arg-type]
+    assert found.marked and found.problems is not None and report not in found.problems
+
+
+def test_a_reboot_during_the_test_makes_the_new_boots_log_the_tests(tmp_path: Path) -> None:
+    mark = tmp_path / "mark"
+    # the mark of another boot, whose last record had a high sequence number
+    mark.write_text("another-boot\n6,99999999,1,-;the last record then\n")
+    report = f"WARNING: CPU: 0 PID: 1 at nestbed/test_kernlog.py:{tmp_path.name} (a reboot)"
+    _log(report)
+    found = since_mark(_HostTestbed(), str(mark), 30)  # type: ignore[arg-type]
+    assert found.marked and found.problems is not None and report in found.problems
+
+
+def test_no_mark_means_the_kernel_is_not_watched(tmp_path: Path) -> None:
+    found = since_mark(_HostTestbed(), str(tmp_path / "none"), 30)  # type: ignore[arg-type]
+    assert not found.marked and found.problems is None
 
 
 def test_a_level2_vms_warning_reported_by_nestbed_vm_counts() -> None:

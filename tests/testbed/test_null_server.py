@@ -295,6 +295,7 @@ def test_server_imports_no_runner() -> None:
         "nestbed.signals",
         "nestbed.testbed",
         "nestbed.testbed.protocol",
+        "nestbed.trace",
         "nestbed.virt",
         "nestbed.virt.null",
     }

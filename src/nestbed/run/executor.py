@@ -221,22 +221,23 @@ def run_test(
     timeout: int,
     console: Console,
     reboot: Callable[[], None] | None = None,
-    clean_first: tuple[str, ...] = (),
+    before: str = "",
     limit: Callable[[int], tuple[int, bool]] | None = None,
 ) -> TestRun:
     """Run the test, streaming its stdout and stderr to ours while recording each.
 
-    `clean_first`: paths left by earlier tests (their artifacts, AUTOPKGTEST_TMP), removed
-    in the same guest command that starts this test -- every round trip costs ~0.2-0.5 s in
-    an emulated VM, so a test costs one. A test that calls autopkgtest-reboot MARK is killed
-    by it; then `reboot` (the caller's: reboot the testbed, set it up again) runs and the
-    test runs again with AUTOPKGTEST_REBOOT_MARK=MARK, its output appended, as often as it
-    asks. `limit` (the run's global timeout) may shorten `timeout` for each of those runs.
+    `before`: shell commands the exec prefix's user runs first, in the same guest command
+    that starts this test (removing what earlier tests left, noting where the kernel log
+    stands) -- every round trip costs ~0.2-0.5 s in an emulated VM, so a test costs one.
+    A test that calls autopkgtest-reboot MARK is killed by it; then `reboot` (the caller's:
+    reboot the testbed, set it up again) runs and the test runs again with
+    AUTOPKGTEST_REBOOT_MARK=MARK, its output appended, as often as it asks. `limit` (the
+    run's global timeout) may shorten `timeout` for each of those runs.
     """
     out, err, notes = Capture(), Capture(), bytearray()
     try:
         return _run_until_done(
-            testbed, test, env, timeout, console, reboot, clean_first, limit, out, err, notes
+            testbed, test, env, timeout, console, reboot, before, limit, out, err, notes
         )
     except BaseException:
         out.close()
@@ -251,7 +252,7 @@ def _run_until_done(
     timeout: int,
     console: Console,
     reboot: Callable[[], None] | None,
-    clean_first: tuple[str, ...],
+    before: str,
     limit: Callable[[int], tuple[int, bool]] | None,
     out: Capture,
     err: Capture,
@@ -264,8 +265,8 @@ def _run_until_done(
         if capped:  # nothing left of the run's time (0 would mean none): time out at once
             this_run = max(this_run, 1)
         argv = _run_as(test, env, test_script(test, env, this_run, mark))
-        if clean_first and not mark:  # a re-run after a reboot keeps the test's files
-            argv = _with_cleanup(argv, clean_first)
+        if before and not mark:  # a re-run after a reboot keeps the test's files
+            argv = ["sh", "-c", f'{before}\nexec "$@"', "sh", *argv]
         returncode, stuck, run_notes = _run_once(testbed, argv, out, err, this_run, console)
         notes += run_notes
         if returncode in (254, 255) and not stuck:
@@ -285,10 +286,9 @@ def _run_until_done(
     return TestRun(returncode, out, err, timed_out, duration, text, tuple(argv))
 
 
-def _with_cleanup(argv: list[str], paths: tuple[str, ...]) -> list[str]:
-    """argv, run by a shell that first removes `paths` (as the exec prefix's user)."""
-    script = f'rm -rf -- {" ".join(shlex.quote(p) for p in paths)}; exec "$@"'
-    return ["sh", "-c", script, "sh", *argv]
+def cleanup_script(paths: tuple[str, ...]) -> str:
+    """`before` commands removing what earlier tests left at `paths`."""
+    return f"rm -rf -- {' '.join(shlex.quote(p) for p in paths)}" if paths else ""
 
 
 def _run_once(

@@ -1,8 +1,9 @@
 """The kernel's own reports of a problem during a test: Oops, BUG, WARNING, panic, hung
 task, RCU stall, lockdep, KASAN/UBSAN, read from the testbed's kernel log (/dev/kmsg).
 
-Before a test the runner notes the log's last sequence number (`mark`); after it, the
-records since then that look like a kernel problem report (`since`) are the test's kernel
+Before a test the runner notes the log's last sequence number in a file, by commands
+(`mark_script`) that run in the same guest command as the test; after it, the records since
+then that look like a kernel problem report (`since_mark`, one command) are the test's kernel
 warnings: logged, in the JSON record, and with `--kernel-warnings fail` its failure. Only in
 testbeds with a kernel of their own (isolation-machine) and as root: elsewhere the log is the
 host's, or unreadable. A record is the kernel log's, whoever wrote it (user space may write
@@ -12,6 +13,7 @@ to /dev/kmsg too).
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass
 
 from nestbed.testbed.client import Testbed
@@ -21,8 +23,8 @@ from nestbed.testbed.client import Testbed
 _READ = "dd if=/dev/kmsg iflag=nonblock bs=8192 2>/dev/null | grep -v '^ '"
 # the boot's id first: after a reboot the sequence numbers start again
 _BOOT = "cat /proc/sys/kernel/random/boot_id && "
-MARK_ARGV = ["sh", "-c", f"{_BOOT}{_READ} | tail -n 1"]
 READ_ARGV = ["sh", "-c", f"{_BOOT}{_READ}"]
+_SEPARATOR = "@@nestbed-kernel-log@@"
 
 
 @dataclass(frozen=True)
@@ -93,22 +95,33 @@ def _split(stdout: bytes) -> tuple[str, str]:
     return boot_id.strip(), records
 
 
-def mark(testbed: Testbed, timeout: float) -> Mark | None:
-    """Where the kernel log stands, or None when it cannot be read."""
-    result = testbed.execute(MARK_ARGV, timeout=timeout)
-    if result.returncode != 0:
-        return None
-    boot_id, records = _split(result.stdout)
-    sequence = last_sequence(records)
-    return None if sequence is None else Mark(boot_id, sequence)
+def mark_script(path: str) -> str:
+    """Shell commands (for root, before the test) that write where the kernel log stands to
+    `path`: the boot's id, then the last record."""
+    return f"{{ {_BOOT}{_READ} | tail -n 1; }} >{shlex.quote(path)} 2>/dev/null"
 
 
-def since(testbed: Testbed, start: Mark, timeout: float) -> list[str] | None:
-    """The problem reports logged after `start` (after a reboot: all of the new boot's), or
-    None when the log cannot be read (the testbed was lost, or the test made /dev/kmsg
-    unreadable)."""
-    result = testbed.execute(READ_ARGV, timeout=timeout)
+@dataclass(frozen=True)
+class SinceMark:
+    """What the kernel log says after a test."""
+
+    marked: bool  # mark_script found a readable log before the test
+    problems: list[str] | None  # the reports since then; None: the log is unreadable now
+
+
+def since_mark(testbed: Testbed, path: str, timeout: float) -> SinceMark:
+    """The problem reports logged after the mark `mark_script` left at `path` (after a
+    reboot: all of the new boot's), read in one command. Unreadable now: the testbed was
+    lost, or the test made /dev/kmsg unreadable."""
+    argv = ["sh", "-c", f"cat {shlex.quote(path)}; echo {_SEPARATOR}; {_BOOT}{_READ}"]
+    result = testbed.execute(argv, timeout=timeout)
+    before, _, now = result.stdout.decode("UTF-8", "replace").partition(f"{_SEPARATOR}\n")
+    boot_before, _, records_before = before.partition("\n")
+    sequence = last_sequence(records_before)
+    if sequence is None:
+        return SinceMark(marked=False, problems=None)
     if result.returncode != 0:
-        return None
-    boot_id, records = _split(result.stdout)
-    return problems(records, start.sequence if boot_id == start.boot_id else -1)
+        return SinceMark(marked=True, problems=None)
+    boot_id, _, records = now.partition("\n")
+    after = sequence if boot_id.strip() == boot_before.strip() else -1
+    return SinceMark(marked=True, problems=problems(records, after))

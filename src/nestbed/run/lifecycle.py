@@ -12,6 +12,7 @@ from importlib.resources import files
 from nestbed import errors, trace
 from nestbed.capabilities import Cap
 from nestbed.log import DEBUG, Console
+from nestbed.run import probe
 from nestbed.run.binaries import Binaries
 from nestbed.run.options import RunOptions
 from nestbed.run.outputs import RunOutputs, TestbedFacts
@@ -94,6 +95,10 @@ class TestbedLifecycle:
     def install_helpers(self) -> None:
         """The test wrapper, and where the testbed can reboot, autopkgtest-reboot(-prepare)
         in /tmp and /sbin as autopkgtest provides them: one copy, one command."""
+        self.check_exec(["sh", "-ec", self._copy_helpers()], "installing the test wrapper")
+
+    def _copy_helpers(self) -> str:
+        """Copy the helpers down; returns the script that makes them usable (modes, links)."""
         tb = self.testbed
         scripts = {"wrapper.sh": "wrapper.sh"}
         links = ""
@@ -112,8 +117,7 @@ class TestbedLifecycle:
                 os.chmod(path, 0o755)
             tb.copydown(local + "/", self.helpers_dir + "/", timeout=self.copy_timeout)
         helpers = shlex.quote(self.helpers_dir)
-        script = f"chmod 0755 {helpers} {helpers}/*{links}"
-        self.check_exec(["sh", "-ec", script], "installing the test wrapper")
+        return f"chmod 0755 {helpers} {helpers}/*{links}"
 
     def _after_open(self) -> None:
         """What every freshly opened (or reverted) testbed needs before tests run."""
@@ -122,38 +126,63 @@ class TestbedLifecycle:
 
     def _set_up(self) -> None:
         tb = self.testbed
-        self.install_helpers()
+        helpers = self._copy_helpers()
         if self.user is None:
             self.user = self.options.user
             if self.user is None and self.can(Cap.ROOT_ON_TESTBED):
                 self.user = tb.normal_user or ""
-        Setup(tb, self.console, self.options.timeouts.short, self.options.timeouts.install).apply(
-            self.options.setup, self.user
+        if self.options.setup:
+            # the setup may change what the testbed has: ask after it
+            self.check_exec(["sh", "-ec", helpers], "installing the test wrapper")
+            Setup(
+                tb, self.console, self.options.timeouts.short, self.options.timeouts.install
+            ).apply(self.options.setup, self.user)
+            helpers = ""
+        self._learn(helpers)
+        self._sudo_problem = None
+        self.binaries.publish(tb, self.copy_timeout)
+
+    def _learn(self, first: str) -> None:
+        """What the run records about the testbed, from one command (nestbed.run.probe)
+        that first runs `first` (making the helpers usable)."""
+        r = self.testbed.execute(
+            ["sh", "-c", probe.script(first)], timeout=self.options.timeouts.short
         )
-        facts = self.facts
-        facts.arch = self.check_exec(["dpkg", "--print-architecture"], "dpkg").strip()
-        self.console.info("testbed dpkg architecture: " + facts.arch)
-        packages = self.installed_packages()
-        if packages is not None:
-            self.outputs.write_testbed_packages(packages)
-        kernel = self.check_exec(["uname", "-srv"], "uname").strip()
-        if not facts.kernel:
-            facts.kernel = kernel
-            self.console.info("testbed running kernel: " + kernel)
-        if not facts.nproc:
-            cpu = self.check_exec(
-                ["sh", "-c", "nproc; cat /proc/cpuinfo 2>/dev/null || true"], "nproc"
+        answers = probe.parse(r.stdout.decode("UTF-8", "replace"))
+        err = r.stderr.decode("UTF-8", "replace").strip()
+
+        def answer(name: str, what: str) -> str:
+            got = answers.get(name)
+            if got is None:
+                raise errors.TestbedFailure(f"{what} failed (exit status {r.returncode}): {err}")
+            if got.status != 0:
+                raise errors.TestbedFailure(f"{what} failed (exit status {got.status}): {err}")
+            return got.output
+
+        if first and not answers:  # it failed: nothing was asked
+            raise errors.TestbedFailure(
+                f"installing the test wrapper failed (exit status {r.returncode}): {err}"
             )
-            facts.nproc = cpu.split("\n", 1)[0].strip()
+        known = self.facts
+        known.arch = answer("arch", "dpkg").strip()
+        self.console.info("testbed dpkg architecture: " + known.arch)
+        packages = answers.get("packages")
+        if packages is not None and packages.status == 0:
+            self.outputs.write_testbed_packages(packages.output)
+        kernel = answer("kernel", "uname").strip()
+        if not known.kernel:
+            known.kernel = kernel
+            self.console.info("testbed running kernel: " + kernel)
+        if not known.nproc:
+            cpu = answer("cpu", "nproc")
+            known.nproc = cpu.split("\n", 1)[0].strip()
             for line in cpu.splitlines():
                 key, _, value = line.partition(":")
                 key = key.strip().lower()
-                if not facts.cpu_model and (key == "model name" or key == "cpu"):
-                    facts.cpu_model = value.strip()
-                if not facts.cpu_flags and key in ("flags", "features"):
-                    facts.cpu_flags = value.strip()
-        self._sudo_problem = None
-        self.binaries.publish(tb, self.copy_timeout)
+                if not known.cpu_model and (key == "model name" or key == "cpu"):
+                    known.cpu_model = value.strip()
+                if not known.cpu_flags and key in ("flags", "features"):
+                    known.cpu_flags = value.strip()
 
     def installed_packages(self) -> str | None:
         r = self.testbed.execute(

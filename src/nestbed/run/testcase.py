@@ -152,10 +152,13 @@ class TestCaseRunner:
         # what the last test left in the scratch dir goes when this one starts
         leftovers, self._leftovers = self._leftovers, (env.artifacts_dir(test), env.tmp_dir)
         _, by_deadline = self.deadline.limit(self.options.timeouts.test)
-        kernel_mark = self._kernel_mark()
+        watch_kernel = self._watches_kernel()
+        before = [executor.cleanup_script(leftovers)]
+        if watch_kernel:
+            before.append(kernlog.mark_script(self._kernel_mark_path))
         run = executor.run_test(
-            tb, test, env, self.options.timeouts.test, self.console, reboot, leftovers,
-            self.deadline.limit,
+            tb, test, env, self.options.timeouts.test, self.console, reboot,
+            "\n".join(b for b in before if b), self.deadline.limit,
         )  # fmt: skip
         if run.timed_out:
             self.deadline.exceeded = by_deadline
@@ -167,7 +170,8 @@ class TestCaseRunner:
                 self.console.info(f"test {name}: {note}")
         self.console.info(f"test {name}:  - - - - - - - - - - results - - - - - - - - - -")
         result = self._needs_internet_try(test, run, executor.decide(test, run, tree.name))
-        result = self._kernel_check(result, kernel_mark)
+        if watch_kernel:
+            result = self._kernel_check(result)
         self.outputs.record(result)
         if run.stderr and not test.has("allow-stderr") and not run.timed_out:
             self.console.info(f"test {name}:  - - - - - - - - - - stderr - - - - - - - - - -")
@@ -187,32 +191,42 @@ class TestCaseRunner:
         finally:
             run.close()
 
-    def _kernel_mark(self) -> kernlog.Mark | None:
-        """Where the kernel log stands before a test, in a testbed with a kernel of its own
-        that root can read (None: the kernel is not watched)."""
+    def _watches_kernel(self) -> bool:
+        """The testbed has a kernel of its own that root can read, and we were not told not to
+        look (a log that turned out unreadable is not looked at again)."""
         life = self.lifecycle
-        if self.options.kernel_warnings == "ignore" or not life.can(
-            Cap.ISOLATION_MACHINE, Cap.ROOT_ON_TESTBED
-        ):
-            return None
-        found = kernlog.mark(life.testbed, self.options.timeouts.short)
-        if found is None and not self._kernel_unreadable:
+        return (
+            self.options.kernel_warnings != "ignore"
+            and not self._kernel_unreadable
+            and life.can(Cap.ISOLATION_MACHINE, Cap.ROOT_ON_TESTBED)
+        )
+
+    @property
+    def _kernel_mark_path(self) -> str:
+        return f"{self.lifecycle.helpers_dir}/kernel-log-mark"
+
+    def _kernel_check(self, result: TestResult) -> TestResult:
+        found = kernlog.since_mark(
+            self.lifecycle.testbed, self._kernel_mark_path, self.options.timeouts.short
+        )
+        if not found.marked:
             self._kernel_unreadable = True  # said once
             self.console.warning("cannot read the testbed's kernel log: not watching it")
-        return found
-
-    def _kernel_check(self, result: TestResult, mark: kernlog.Mark | None) -> TestResult:
-        if mark is None:
             return result
-        found = kernlog.since(self.lifecycle.testbed, mark, self.options.timeouts.short)
-        if found is None:
+        if found.problems is None:
             self.console.warning(f"test {result.name}: cannot read the kernel log after the test")
             return result
-        for line in found:
+        for line in found.problems:
             self.console.warning(f"test {result.name}: kernel warning: {line}")
-        result = replace(result, kernel_warnings=tuple(found))
-        if found and self.options.kernel_warnings == "fail" and result.verdict is Verdict.PASS:
-            return replace(result, verdict=Verdict.FAIL, reason=f"kernel warning: {found[0]}")
+        result = replace(result, kernel_warnings=tuple(found.problems))
+        if (
+            found.problems
+            and self.options.kernel_warnings == "fail"
+            and result.verdict is Verdict.PASS
+        ):
+            return replace(
+                result, verdict=Verdict.FAIL, reason=f"kernel warning: {found.problems[0]}"
+            )
         return result
 
     def _needs_internet_try(
