@@ -145,8 +145,10 @@ class TestbedLifecycle:
     def _learn(self, first: str) -> None:
         """What the run records about the testbed, from one command (nestbed.run.probe)
         that first runs `first` (making the helpers usable)."""
+        # the package list goes only into the output dir the user keeps (-o)
+        skip = frozenset() if self.outputs.keeps_files else frozenset({"packages"})
         r = self.testbed.execute(
-            ["sh", "-c", probe.script(first)], timeout=self.options.timeouts.short
+            ["sh", "-c", probe.script(first, skip=skip)], timeout=self.options.timeouts.short
         )
         answers = probe.parse(r.stdout.decode("UTF-8", "replace"))
         err = r.stderr.decode("UTF-8", "replace").strip()

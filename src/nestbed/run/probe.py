@@ -28,11 +28,13 @@ class Answer:
     status: int
 
 
-def script(first: str = "") -> str:
-    """The shell script (for `sh -c`); `first` runs before the questions, and when it
-    fails the script exits with its status and asks nothing."""
+def script(first: str = "", *, skip: frozenset[str] = frozenset()) -> str:
+    """The shell script (for `sh -c`) asking the questions not in `skip`; `first` runs
+    before them, and when it fails the script exits with its status and asks nothing."""
     parts = [f"{{ {first}\n}} || exit $?"] if first else []
     for name, command in QUESTIONS:
+        if name in skip:
+            continue
         # the status line starts on a line of its own even after output without a newline
         parts.append(f"echo {MARK}{name}; {{ {command}\n}}; s=$?; echo; echo {MARK}status $s")
     return "\n".join(parts) + "\n"
