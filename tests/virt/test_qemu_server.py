@@ -16,6 +16,7 @@ import pytest
 from nestbed.errors import VirtServerError
 from nestbed.image import ImagePaths
 from nestbed.qemu.state import StateStore
+from nestbed.testbed.client import CommandTimeout
 from nestbed.testbed.client import Testbed as Client
 from tests_support import open_qemu_testbed
 
@@ -44,6 +45,23 @@ def test_capabilities_and_exec_prefix(testbed: Client) -> None:
     assert testbed.execute(["id", "-un"]).stdout == b"root\n"
     res = testbed.execute(["id", "-un"], user="nestbed")
     assert res.stdout == b"nestbed\n"
+
+
+def test_captured_commands_keep_the_exec_prefixs_meaning(testbed: Client) -> None:
+    """The runner runs captured commands through the multiplexer itself, not by starting
+    the exec helper: the same exit statuses, stdin of any size, timeouts that end the
+    command in the guest."""
+    assert testbed.execute(["sh", "-c", "exit 255"]).returncode == 253
+    blob = os.urandom(3 << 20)  # more than a pipe holds
+    res = testbed.execute(["sha256sum"], stdin=blob)
+    assert res.stdout.split()[0].decode() == hashlib.sha256(blob).hexdigest()
+    with pytest.raises(CommandTimeout, match="timed out after 3s"):
+        testbed.execute(["sh", "-c", "echo $$ > /tmp/slow.pid; exec sleep 120"], timeout=3)
+    gone = (
+        "for i in $(seq 50); do kill -0 $(cat /tmp/slow.pid) 2>/dev/null || exit 0;"
+        " sleep 0.2; done; exit 1"
+    )
+    assert testbed.execute(["sh", "-c", gone]).returncode == 0
 
 
 def test_copies_keep_modes_and_symlinks(testbed: Client, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from nestbed import trace
 from nestbed.capabilities import SUGGESTED_NORMAL_USER, Cap, value_of
 from nestbed.errors import TestbedFailure, UsageError, VirtServerError
 from nestbed.proc import DEVNULL, PIPE, CommandFailed, Process, Stream, TimeoutExpired, spawn, stop
+from nestbed.qemu import execclient
 from nestbed.testbed.protocol import (
     COPY_TIMEOUT_ENV,
     format_line,
@@ -65,6 +66,10 @@ _SUMMARY_LINES = 7
 
 class CommandTimeout(TestbedFailure):
     """A command on the testbed ran past its timeout and was killed."""
+
+
+def _timed_out(timeout: float | None, argv: Sequence[str]) -> CommandTimeout:
+    return CommandTimeout(f"timed out after {timeout:g}s on testbed command {shlex.join(argv)}")
 
 
 class ExecResult(NamedTuple):
@@ -180,6 +185,9 @@ class Testbed:
         self._server_stderr = server_stderr or log
         self.caps: frozenset[str] = frozenset()
         self.exec_prefix: list[str] = []
+        # the exec prefix is nestbed's own helper: captured commands go through its
+        # multiplexer socket from this process (nestbed.qemu.execclient.run_here)
+        self._helper_socket: str | None = None
         self.normal_user: str | None = None
         self._scratch: str | None = None
         self._proc: Process | None = None
@@ -278,6 +286,7 @@ class Testbed:
             raise VirtServerError(f"virt server {self.name} gave an empty execute command")
         # split before unquoting: an argument may contain a (quoted) ','
         self.exec_prefix = parse_exec_prefix(word[0])
+        self._helper_socket = execclient.socket_of(self.exec_prefix)
         words = self._capability_words()
         self.caps = frozenset(words)
         # the first one the server lists is its preferred user
@@ -323,6 +332,7 @@ class Testbed:
         finally:
             self._scratch = None
             self.exec_prefix = []
+            self._helper_socket = None
             self.caps = frozenset()
             self.normal_user = None
 
@@ -378,6 +388,7 @@ class Testbed:
         proc, self._proc = self._proc, None
         self._scratch = None
         self.exec_prefix = []
+        self._helper_socket = None
         self.caps = frozenset()
         self.normal_user = None
         if proc is None:
@@ -562,6 +573,43 @@ class Testbed:
         real = self._wrap(argv, env, user)
         self._debug(f"execute: {shlex.join(real)}")
         started = time.monotonic()
+        if self._helper_socket is not None and capture:
+            returncode, out, err = self._execute_here(real, stdin, timeout, argv)
+        else:
+            returncode, out, err = self._execute_by_prefix(real, stdin, timeout, capture, argv)
+        trace.record("exec", shlex.join(argv), started, time.monotonic())
+        if returncode in _EXEC_PREFIX_FAILED:
+            detail = err.decode("UTF-8", "replace").strip().splitlines()[-3:]
+            raise TestbedFailure(
+                f"testbed exec prefix failed with exit status {returncode}"
+                f" running {shlex.join(argv)}" + (": " + " | ".join(detail) if detail else "")
+            )
+        return ExecResult(returncode, out, err)
+
+    def _execute_here(
+        self, real: list[str], stdin: bytes | None, timeout: float | None, argv: Sequence[str]
+    ) -> tuple[int, bytes, bytes]:
+        """The exec helper's work done in this process (saves starting it)."""
+        assert self._helper_socket is not None
+        out, err = bytearray(), bytearray()
+        command = real[len(self.exec_prefix) :]
+        try:
+            status = execclient.run_here(
+                self._helper_socket, command, stdin=stdin, out=out.extend, err=err.extend,
+                timeout=timeout,
+            )  # fmt: skip
+        except TimeoutError:
+            raise _timed_out(timeout, argv) from None
+        return status, bytes(out), bytes(err)
+
+    def _execute_by_prefix(
+        self,
+        real: list[str],
+        stdin: bytes | None,
+        timeout: float | None,
+        capture: bool,
+        argv: Sequence[str],
+    ) -> tuple[int, bytes, bytes]:
         pipe = PIPE if capture else None
         proc = self._spawn_exec(
             real, stdin=PIPE if stdin is not None else DEVNULL, stdout=pipe, stderr=pipe
@@ -576,22 +624,11 @@ class Testbed:
             for stream in (proc.stdout, proc.stderr):
                 if stream is not None:
                     stream.close()
-            raise CommandTimeout(
-                f"timed out after {timeout:g}s on testbed command {shlex.join(argv)}"
-            ) from None
+            raise _timed_out(timeout, argv) from None
         except BaseException:
             stop(proc, grace=0, kill_wait=None)
             raise
-        trace.record("exec", shlex.join(argv), started, time.monotonic())
-        out = out or b""
-        err = err or b""
-        if proc.returncode in _EXEC_PREFIX_FAILED:
-            detail = err.decode("UTF-8", "replace").strip().splitlines()[-3:]
-            raise TestbedFailure(
-                f"testbed exec prefix failed with exit status {proc.returncode}"
-                f" running {shlex.join(argv)}" + (": " + " | ".join(detail) if detail else "")
-            )
-        return ExecResult(proc.returncode, out, err)
+        return proc.returncode, out or b"", err or b""
 
     def popen(
         self,
