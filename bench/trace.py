@@ -27,7 +27,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from nestbed.image import BuildOptions, ImagePaths, ensure_image
+from nestbed.image import BuildOptions, ensure_image
 from nestbed.trace import TRACE_ENV
 
 BIN = Path(sys.executable).parent
@@ -124,17 +124,18 @@ def report(events: list[Event], wall: float) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--image", type=Path, help="image directory (default: the cached one)")
+    parser.add_argument(
+        "--image", type=Path, help="what nestbed-virt-qemu boots (default: the cached image)"
+    )
     parser.add_argument("--tests", type=int, default=1)
     parser.add_argument("--breaks-testbed", action="store_true")
     parser.add_argument("-o", "--output", type=Path, help="keep the trace here (JSON lines)")
     parser.add_argument("extra", nargs="*", help="more nestbed options (after --)")
     args = parser.parse_args()
-    image = ImagePaths.load(args.image) if args.image else ensure_image(BuildOptions())
+    image = args.image.absolute() if args.image else ensure_image(BuildOptions()).directory
     with tempfile.TemporaryDirectory(prefix="nestbed-trace-") as tmp:
         pkg = write_package(Path(tmp, "pkg"), args.tests, args.breaks_testbed)
-        argv = [str(BIN / "nestbed"), *args.extra, "-B", str(pkg), "--", "qemu",
-                str(image.directory)]  # fmt: skip
+        argv = [str(BIN / "nestbed"), *args.extra, "-B", str(pkg), "--", "qemu", str(image)]
         run(argv)  # the saved state is there after this one
         path = args.output or Path(tmp, "trace.jsonl")
         path.unlink(missing_ok=True)
