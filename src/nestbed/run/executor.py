@@ -266,7 +266,8 @@ def _run_until_done(
             this_run = max(this_run, 1)
         argv = _run_as(test, env, test_script(test, env, this_run, mark))
         if before and not mark:  # a re-run after a reboot keeps the test's files
-            argv = ["sh", "-c", f'{before}\nexec "$@"', "sh", *argv]
+            # one line: the command is quoted whole in a timeout's ERROR line
+            argv = ["sh", "-c", f'{before}; exec "$@"', "sh", *argv]
         returncode, stuck, run_notes = _run_once(testbed, argv, out, err, this_run, console)
         notes += run_notes
         if returncode in (254, 255) and not stuck:

@@ -158,7 +158,7 @@ class TestCaseRunner:
             before.append(kernlog.mark_script(self._kernel_mark_path))
         run = executor.run_test(
             tb, test, env, self.options.timeouts.test, self.console, reboot,
-            "\n".join(b for b in before if b), self.deadline.limit,
+            "; ".join(b for b in before if b), self.deadline.limit,
         )  # fmt: skip
         if run.timed_out:
             self.deadline.exceeded = by_deadline
