@@ -328,7 +328,8 @@ def _run_once(
         raise
     for t in pumps:
         t.join(timeout=10)
-    trace.record("exec", "the test: " + shlex.join(argv[-3:]), started, time.monotonic())
+    if trace.enabled():
+        trace.record("exec", "the test: " + shlex.join(argv[-3:]), started, time.monotonic())
     return returncode, stuck, bytes(stderr.notes)
 
 

@@ -27,14 +27,6 @@ READ_ARGV = ["sh", "-c", f"{_BOOT}{_READ}"]
 _SEPARATOR = "@@nestbed-kernel-log@@"
 
 
-@dataclass(frozen=True)
-class Mark:
-    """Where the kernel log stood: the boot, and its last record's sequence number."""
-
-    boot_id: str
-    sequence: int
-
-
 # the first line of each kind of report the kernel prints (lib/bug.c, kernel/panic.c,
 # kernel/hung_task.c, kernel/rcu/tree_stall.h, kernel/locking/lockdep.c, mm/kasan, lib/ubsan)
 PROBLEM = re.compile(
@@ -88,11 +80,6 @@ def console_problems(text: str) -> list[str]:
         if PROBLEM.search(message):
             found.append(message)
     return found
-
-
-def _split(stdout: bytes) -> tuple[str, str]:
-    boot_id, _, records = stdout.decode("UTF-8", "replace").partition("\n")
-    return boot_id.strip(), records
 
 
 def mark_script(path: str) -> str:

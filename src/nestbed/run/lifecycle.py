@@ -187,15 +187,7 @@ class TestbedLifecycle:
                     known.cpu_flags = value.strip()
 
     def installed_packages(self) -> str | None:
-        r = self.testbed.execute(
-            [
-                "sh",
-                "-c",
-                "command -v dpkg-query >/dev/null && "
-                "dpkg-query --show -f '${Package}\\t${Version}\\n'",
-            ],
-            timeout=self.options.timeouts.short,
-        )
+        r = self.testbed.execute(["sh", "-c", probe.PACKAGES], timeout=self.options.timeouts.short)
         return r.stdout.decode("UTF-8", "replace") if r.returncode == 0 else None
 
     # -- between tests ----------------------------------------------------------------------

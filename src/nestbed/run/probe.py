@@ -11,12 +11,11 @@ from dataclasses import dataclass
 
 MARK = "@@nestbed-fact@@"
 
+# the installed packages as the output dir's testbed-packages and TEST-packages list them
+PACKAGES = "command -v dpkg-query >/dev/null && dpkg-query --show -f '${Package}\\t${Version}\\n'"
 QUESTIONS: tuple[tuple[str, str], ...] = (
     ("arch", "dpkg --print-architecture"),
-    (
-        "packages",
-        "command -v dpkg-query >/dev/null && dpkg-query --show -f '${Package}\\t${Version}\\n'",
-    ),
+    ("packages", PACKAGES),
     ("kernel", "uname -srv"),
     ("cpu", "nproc; cat /proc/cpuinfo 2>/dev/null || true"),
 )

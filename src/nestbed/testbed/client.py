@@ -577,7 +577,8 @@ class Testbed:
             returncode, out, err = self._execute_here(real, stdin, timeout, argv)
         else:
             returncode, out, err = self._execute_by_prefix(real, stdin, timeout, capture, argv)
-        trace.record("exec", shlex.join(argv), started, time.monotonic())
+        if trace.enabled():
+            trace.record("exec", shlex.join(argv), started, time.monotonic())
         if returncode in _EXEC_PREFIX_FAILED:
             detail = err.decode("UTF-8", "replace").strip().splitlines()[-3:]
             raise TestbedFailure(
