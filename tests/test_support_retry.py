@@ -38,6 +38,9 @@ def _done(rc: int, stderr: str = "") -> subprocess.CompletedProcess[str]:
         errors.TestbedFailure(f"testbed exec prefix failed with exit status 255: {LEVEL1_RESET}"),
         subprocess.TimeoutExpired(["nestbed"], 1500),
         _done(16, f"nestbed-virt-qemu: lost the testbed: {LEVEL1_SILENT} 120 s (the guest hangs"),
+        _done(16, "nestbed-virt-qemu: lost the testbed: the control channel closed (QEMU ended:"
+              " the guest panicked); console ends: [  52.1] BUG: unable to handle page fault"),
+        _done(16, "lost the testbed: the guest kernel panicked: Kernel panic - not syncing: Fatal"),
         _done(4, "nestbed-vm: error: --install failed: testbed exec prefix failed with exit"
               f" status 255: lost the testbed (QEMU ended: {LEVEL1_RESET}, no reboot ...)"),
     ],

@@ -23,6 +23,8 @@ R = TypeVar("R")
 LEVEL1_RESET = "the guest reset itself"
 # the multiplexer's keep-alive found level 1 silent (a wedge, which used to be a timeout)
 LEVEL1_SILENT = "the guest agent has not answered for"
+# level 1's kernel panicked while a level-2 guest ran (QEMU's pvpanic event, or the console)
+LEVEL1_PANIC = re.compile(r"the guest panicked|the guest kernel panicked")
 # the same reset one level down, after level 2 booted: nestbed-vm fails, the test FAILs
 LEVEL2_RESET = re.compile(r"nestbed-vm: error: .*" + re.escape(LEVEL1_RESET))
 
@@ -51,8 +53,8 @@ def open_qemu_testbed(image: ImagePaths, env: Mapping[str, str] | None = None) -
 def once_more_after_a_level1_fault(attempt: Callable[[], R]) -> R:
     """Run a nested (level-2) attempt; run it once more, with a warning, when level 1 failed
     the way QEMU 7.2's emulated SVM sometimes makes it fail under TCG: the level-1 guest
-    resets itself (a testbed failure saying so) or wedges (the attempt times out, or the
-    multiplexer's keep-alive finds the agent silent: a testbed failure saying so), or the
+    resets itself or panics (a testbed failure saying so) or wedges (the attempt times out,
+    or the multiplexer's keep-alive finds the agent silent: a testbed failure saying so), or the
     level-2 guest resets itself after it booted (nestbed-vm says so, the test FAILs).
     Anything else, and a second fault, is the test's result."""
     try:
@@ -60,22 +62,30 @@ def once_more_after_a_level1_fault(attempt: Callable[[], R]) -> R:
     except (subprocess.TimeoutExpired, CommandTimeout) as e:
         why = f"timed out: {e}"
     except TestbedFailure as e:
-        if LEVEL1_RESET not in str(e) and LEVEL1_SILENT not in str(e):
+        if _level1_fault(str(e)) is None:
             raise
         why = str(e)
     else:
         output = f"{getattr(result, 'stdout', '')}{getattr(result, 'stderr', '')}"
-        fault = next((f for f in (LEVEL1_RESET, LEVEL1_SILENT) if f in output), None)
+        fault = _level1_fault(output)
         level2 = LEVEL2_RESET.search(output)
         status = getattr(result, "returncode", None)
         if status == 16 and fault is not None:
-            why = "testbed failure: " + fault
+            # the whole line: with the console's last lines, what level 1 printed as it failed
+            why = next((line for line in output.splitlines() if fault in line), fault)
         elif status == 4 and level2 is not None:
             why = "the level-2 VM reset itself: " + level2.group(0)
         else:
             return result
-    warnings.warn(f"level-1 fault in a nested run, ran it once more ({why[:300]})", stacklevel=2)
+    warnings.warn(f"level-1 fault in a nested run, ran it once more ({why[:600]})", stacklevel=2)
     return attempt()
+
+
+def _level1_fault(output: str) -> str | None:
+    """Which known level-1 fault `output` reports, if any."""
+    found = next((f for f in (LEVEL1_RESET, LEVEL1_SILENT) if f in output), None)
+    panic = LEVEL1_PANIC.search(output)
+    return found or (panic.group(0) if panic else None)
 
 
 def sha256(path: Path) -> str:

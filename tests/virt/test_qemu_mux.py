@@ -147,6 +147,22 @@ def test_agent_gone_means_255(rig: Rig) -> None:
     assert rc == 255 and b"testbed" in err
 
 
+def test_a_closed_channel_is_reported_with_the_consoles_last_lines(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """What the guest printed as it died (an Oops before a panic whose own message never
+    reached the console) is in the failure the user reads."""
+    running = subprocess.Popen([*rig.prefix(), "sleep", "100"], stderr=subprocess.PIPE)
+    time.sleep(1)
+    (tmp_path / "console.log").write_bytes(b"boot\n[  52.1] BUG: unable to handle page fault\n")
+    rig.agent.kill()
+    assert running.wait(10) == 255
+    assert running.stderr is not None
+    err = running.stderr.read()
+    assert b"the control channel closed" in err, err
+    assert b"console ends: boot | [  52.1] BUG: unable to handle page fault" in err, err
+
+
 def _wait_for_pid(pidfile: Path) -> int:
     deadline = time.monotonic() + 10
     while not pidfile.exists() or not pidfile.read_text().strip():

@@ -458,9 +458,16 @@ class Mux:
             return
         if not data:
             if not self._reconnect():
-                self._check_console()  # a panic that ended QEMU is the better reason
                 note = self._exit_note() if self._exit_note else ""
-                self._die(f"the control channel closed ({note or 'QEMU exited?'})")
+                self._check_console()  # a panic that ended QEMU is the better reason
+                # else the console's last lines: an Oops printed before a panic whose own
+                # message QEMU ended too early to show (pvpanic fires before the console
+                # is flushed), or what the guest did before it reset
+                console = file_tail(self._console, 5)
+                self._die(
+                    f"the control channel closed ({note or 'QEMU exited?'})"
+                    + (f"; console ends: {console}" if console else "")
+                )
             return
         for frame in self._decoder.feed(data):
             if frame.stream == 0:
