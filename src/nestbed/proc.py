@@ -249,6 +249,7 @@ def _follow(proc: Process, on_line: Callable[[str], None], timeout: float | None
     finally:
         if timer is not None:
             timer.cancel()
+        proc.stdout.close()  # read to its end: nothing is left for anyone
     if expired.is_set():
         raise TimeoutExpired(cmdline(proc.args), timeout or 0.0)  # type: ignore[arg-type]
     return b"".join(chunks)
