@@ -24,7 +24,8 @@ LEVEL1_RESET = "the guest reset itself"
 # the multiplexer's keep-alive found level 1 silent (a wedge, which used to be a timeout)
 LEVEL1_SILENT = "the guest agent has not answered for"
 # level 1's kernel panicked while a level-2 guest ran (QEMU's pvpanic event, or the console)
-LEVEL1_PANIC = re.compile(r"the guest panicked|the guest kernel panicked")
+LEVEL1_PANIC = ("the guest panicked", "the guest kernel panicked")
+LEVEL1_FAULT = re.compile("|".join(map(re.escape, (LEVEL1_RESET, LEVEL1_SILENT, *LEVEL1_PANIC))))
 # the same reset one level down, after level 2 booted: nestbed-vm fails, the test FAILs
 LEVEL2_RESET = re.compile(r"nestbed-vm: error: .*" + re.escape(LEVEL1_RESET))
 
@@ -83,9 +84,8 @@ def once_more_after_a_level1_fault(attempt: Callable[[], R]) -> R:
 
 def _level1_fault(output: str) -> str | None:
     """Which known level-1 fault `output` reports, if any."""
-    found = next((f for f in (LEVEL1_RESET, LEVEL1_SILENT) if f in output), None)
-    panic = LEVEL1_PANIC.search(output)
-    return found or (panic.group(0) if panic else None)
+    found = LEVEL1_FAULT.search(output)
+    return found.group(0) if found else None
 
 
 def sha256(path: Path) -> str:

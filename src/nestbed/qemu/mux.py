@@ -404,11 +404,9 @@ class Mux:
             self._probe_next = now + PROBE_INTERVAL
             return
         if self._probe_since is not None and now - self._probe_since > PROBE_TIMEOUT:
-            console = file_tail(self._console, 5)
-            self._die(
+            self._die_with_console(
                 f"the guest agent has not answered for {PROBE_TIMEOUT:g} s "
                 "(the guest hangs, or its kernel is stuck)"
-                + (f"; console ends: {console}" if console else "")
             )
         elif now >= self._probe_next:
             oldest = next(iter(self._routes))
@@ -416,6 +414,11 @@ class Mux:
             self._probe_next = now + PROBE_INTERVAL
             if self._probe_since is None:
                 self._probe_since = now
+
+    def _die_with_console(self, why: str) -> None:
+        """Die for `why`, followed by what the guest's console said last."""
+        console = file_tail(self._console, 5)
+        self._die(why + (f"; console ends: {console}" if console else ""))
 
     def _die(self, why: str) -> None:
         if self.dead is None:
@@ -463,11 +466,7 @@ class Mux:
                 # else the console's last lines: an Oops printed before a panic whose own
                 # message QEMU ended too early to show (pvpanic fires before the console
                 # is flushed), or what the guest did before it reset
-                console = file_tail(self._console, 5)
-                self._die(
-                    f"the control channel closed ({note or 'QEMU exited?'})"
-                    + (f"; console ends: {console}" if console else "")
-                )
+                self._die_with_console(f"the control channel closed ({note or 'QEMU exited?'})")
             return
         for frame in self._decoder.feed(data):
             if frame.stream == 0:
