@@ -36,6 +36,7 @@ class TestRun:
     duration: float
     wrapper_notes: str
     argv: tuple[str, ...] = ()
+    after_output: tuple[str, ...] = ()  # what `after` printed, for each run of the test
 
     def close(self) -> None:
         self.stdout.close()
@@ -223,12 +224,15 @@ def run_test(
     reboot: Callable[[], None] | None = None,
     before: str = "",
     limit: Callable[[int], tuple[int, bool]] | None = None,
+    after: str = "",
 ) -> TestRun:
     """Run the test, streaming its stdout and stderr to ours while recording each.
 
     `before`: shell commands the exec prefix's user runs first, in the same guest command
-    that starts this test (removing what earlier tests left, noting where the kernel log
-    stands) -- every round trip costs ~0.2-0.5 s in an emulated VM, so a test costs one.
+    that starts this test (removing what earlier tests left, marking the kernel log);
+    `after`: shell commands it runs in that command once the test ended, whose output comes
+    back in `TestRun.after_output` (the kernel log) -- every round trip costs ~0.2-0.5 s in
+    an emulated VM, so a test costs one.
     A test that calls autopkgtest-reboot MARK is killed by it; then `reboot` (the caller's:
     reboot the testbed, set it up again) runs and the test runs again with
     AUTOPKGTEST_REBOOT_MARK=MARK, its output appended, as often as it asks. `limit` (the
@@ -237,7 +241,7 @@ def run_test(
     out, err, notes = Capture(), Capture(), bytearray()
     try:
         return _run_until_done(
-            testbed, test, env, timeout, console, reboot, before, limit, out, err, notes
+            testbed, test, env, timeout, console, reboot, before, after, limit, out, err, notes
         )
     except BaseException:
         out.close()
@@ -253,6 +257,7 @@ def _run_until_done(
     console: Console,
     reboot: Callable[[], None] | None,
     before: str,
+    after: str,
     limit: Callable[[int], tuple[int, bool]] | None,
     out: Capture,
     err: Capture,
@@ -260,16 +265,19 @@ def _run_until_done(
 ) -> TestRun:
     started = time.monotonic()
     mark = ""
+    after_output: list[str] = []
     while True:
         this_run, capped = limit(timeout) if limit else (timeout, False)
         if capped:  # nothing left of the run's time (0 would mean none): time out at once
             this_run = max(this_run, 1)
         argv = _run_as(test, env, test_script(test, env, this_run, mark))
-        if before and not mark:  # a re-run after a reboot keeps the test's files
-            # one line: the command is quoted whole in a timeout's ERROR line
-            argv = ["sh", "-c", f'{before}; exec "$@"', "sh", *argv]
+        # a re-run after a reboot keeps the test's files
+        argv = around(argv, "" if mark else before, after)
         returncode, stuck, run_notes = _run_once(testbed, argv, out, err, this_run, console)
+        run_notes, printed = take_after(run_notes)
         notes += run_notes
+        if printed is not None:
+            after_output.append(printed)
         if returncode in (254, 255) and not stuck:
             raise TestbedFailure(
                 f"testbed failed while running test {test.name} (exit status {returncode})"
@@ -284,7 +292,37 @@ def _run_until_done(
     duration = time.monotonic() - started
     text = notes.decode("UTF-8", "replace")
     timed_out = stuck or "timed-out" in text
-    return TestRun(returncode, out, err, timed_out, duration, text, tuple(argv))
+    return TestRun(
+        returncode, out, err, timed_out, duration, text, tuple(argv), tuple(after_output)
+    )
+
+
+# what the `after` commands printed follows this, after the wrapper's notes on stderr
+AFTER_MARKER = b"\0nestbed-after\0"
+
+
+def around(argv: list[str], before: str, after: str) -> list[str]:
+    """argv run by a shell of the exec prefix's user between `before` and `after`, which
+    prints AFTER_MARKER and after's output on stderr where the wrapper's notes go. One line:
+    the command is quoted whole in a timeout's ERROR line."""
+    if not after:
+        return ["sh", "-c", f'{before}; exec "$@"', "sh", *argv] if before else argv
+    # the runner's signals reach the whole group: this shell waits for the test's to end
+    # (a trap runs once its foreground command is done), then reports and exits as it did
+    marker = "".join(f"\\{b:03o}" if b < 32 else chr(b) for b in NOTES_MARKER + AFTER_MARKER)
+    script = (
+        f"trap : TERM INT HUP; {before + '; ' if before else ''}"
+        f'"$@"; status=$?; {{ printf \'{marker}\'; {after}; }} >&2 2>/dev/null; exit $status'
+    )
+    return ["sh", "-c", script, "sh", *argv]
+
+
+def take_after(notes: bytes) -> tuple[bytes, str | None]:
+    """The wrapper's own notes, and what `after` printed (None: it did not run)."""
+    wrapper_notes, got, printed = notes.partition(AFTER_MARKER)
+    if not got:
+        return notes, None
+    return wrapper_notes.removesuffix(NOTES_MARKER), printed.decode("UTF-8", "replace")
 
 
 def cleanup_script(paths: tuple[str, ...]) -> str:

@@ -154,11 +154,13 @@ class TestCaseRunner:
         _, by_deadline = self.deadline.limit(self.options.timeouts.test)
         watch_kernel = self._watches_kernel()
         before = [executor.cleanup_script(leftovers)]
+        token = kernlog.new_token()
         if watch_kernel:
-            before.append(kernlog.mark_script(self._kernel_mark_path))
+            before.append(kernlog.mark_script(name, token))
         run = executor.run_test(
             tb, test, env, self.options.timeouts.test, self.console, reboot,
             "; ".join(b for b in before if b), self.deadline.limit,
+            kernlog.READ_SCRIPT if watch_kernel else "",
         )  # fmt: skip
         if run.timed_out:
             self.deadline.exceeded = by_deadline
@@ -171,7 +173,7 @@ class TestCaseRunner:
         self.console.info(f"test {name}:  - - - - - - - - - - results - - - - - - - - - -")
         result = self._needs_internet_try(test, run, executor.decide(test, run, tree.name))
         if watch_kernel:
-            result = self._kernel_check(result)
+            result = self._kernel_check(result, kernlog.since_mark(run.after_output, token))
         self.outputs.record(result)
         if run.stderr and not test.has("allow-stderr") and not run.timed_out:
             self.console.info(f"test {name}:  - - - - - - - - - - stderr - - - - - - - - - -")
@@ -201,14 +203,7 @@ class TestCaseRunner:
             and life.can(Cap.ISOLATION_MACHINE, Cap.ROOT_ON_TESTBED)
         )
 
-    @property
-    def _kernel_mark_path(self) -> str:
-        return f"{self.lifecycle.helpers_dir}/kernel-log-mark"
-
-    def _kernel_check(self, result: TestResult) -> TestResult:
-        found = kernlog.since_mark(
-            self.lifecycle.testbed, self._kernel_mark_path, self.options.timeouts.short
-        )
+    def _kernel_check(self, result: TestResult, found: kernlog.SinceMark) -> TestResult:
         if not found.marked:
             self._kernel_unreadable = True  # said once
             self.console.warning("cannot read the testbed's kernel log: not watching it")
