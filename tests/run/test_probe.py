@@ -30,7 +30,7 @@ def test_each_answer_is_the_commands_own() -> None:
 
 def test_a_failing_answer_keeps_its_status_and_the_others() -> None:
     script = probe.script().replace(
-        "uname -srv", "printf half; exit_with() { return 3; }; exit_with"
+        dict(probe.QUESTIONS)["kernel"], "printf half; exit_with() { return 3; }; exit_with"
     )
     answers = probe.parse(_sh(script).stdout)
     assert answers["kernel"] == probe.Answer("half\n", 3)

@@ -103,10 +103,12 @@ class TestbedLifecycle:
         scripts = {"wrapper.sh": "wrapper.sh"}
         links = ""
         if self.can(Cap.REBOOT, Cap.ROOT_ON_TESTBED):
-            for name in ("autopkgtest-reboot", "autopkgtest-reboot-prepare"):
+            names = ("autopkgtest-reboot", "autopkgtest-reboot-prepare")
+            targets = " ".join(shlex.quote(f"{self.helpers_dir}/{name}") for name in names)
+            for name in names:
                 scripts[name] = "reboot.sh"
-                target = shlex.quote(f"{self.helpers_dir}/{name}")
-                links += f"; ln -fns {target} /tmp/{name}; ln -fns {target} /sbin/{name}"
+            # links named as their targets, one ln a directory (a process costs ~50 ms)
+            links = f"; ln -fs {targets} /tmp; ln -fs {targets} /sbin"
         with tempfile.TemporaryDirectory(prefix="nestbed.") as tmp:
             local = os.path.join(tmp, "nestbed")
             os.mkdir(local)
