@@ -88,6 +88,19 @@ def _level1_fault(output: str) -> str | None:
     return found.group(0) if found else None
 
 
+def sleepers(tag: str) -> list[str]:
+    """The pids of this machine's `sleep TAG` processes (a test's leftovers, by their tag)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args[:2] == [b"sleep", tag.encode()]:
+            found.append(cmdline.parent.name)
+    return found
+
+
 def sha256(path: Path) -> str:
     """A file's sha256, read in chunks (a disk image does not fit in memory)."""
     with open(path, "rb") as f:

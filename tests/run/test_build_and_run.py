@@ -19,7 +19,7 @@ from nestbed.container.tarball import ensure_tarball, host_arch, host_release
 from nestbed.guest.frameclient import Outcome
 from nestbed.image import ImagePaths
 from nestbed.image.progress import PlainProgress
-from tests_support import nestbed_argv, write_package
+from tests_support import nestbed_argv, sleepers, write_package
 
 RESULT = re.compile(r"^(\S+)\s+(PASS|FAIL|SKIP|FLAKY)\b(.*)$")
 
@@ -118,18 +118,6 @@ def test_every_test_runs_in_the_built_tree(testbed: str, tmp_path: Path) -> None
         assert "reverting the testbed" in proc.stderr  # what the second test's run shows
 
 
-def _sleepers(tag: str) -> list[str]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if args[:2] == [b"sleep", tag.encode()]:
-            found.append(cmdline.parent.name)
-    return found
-
-
 @pytest.mark.parametrize("testbed", ["null", "unshare"])
 def test_background_processes_do_not_hang_a_build_or_a_test(testbed: str, tmp_path: Path) -> None:
     """debian/rules and a test each leave `(sleep N &)` holding their output: the build and
@@ -148,7 +136,7 @@ def test_background_processes_do_not_hang_a_build_or_a_test(testbed: str, tmp_pa
     assert proc.returncode == 0
     assert "build: killing leaked background processes" in proc.stderr
     assert "test leaves-one: killing leaked background processes" in proc.stderr
-    assert _sleepers("291") == [] and _sleepers("293") == []
+    assert sleepers("291") == [] and sleepers("293") == []
 
 
 # -- 13: a package under test older than the testbed's ---------------------------------------

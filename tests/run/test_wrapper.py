@@ -14,20 +14,9 @@ from pathlib import Path
 import pytest
 
 from nestbed.run.executor import NOTES_MARKER
+from tests_support import sleepers
 
 WRAPPER = str(files("nestbed.run").joinpath("wrapper.sh"))
-
-
-def _sleepers(tag: str) -> list[int]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if args[:2] == [b"sleep", tag.encode()]:
-            found.append(int(cmdline.parent.name))
-    return found
 
 
 @pytest.mark.parametrize("output", ["pipes", "files"])
@@ -50,7 +39,7 @@ def test_a_leftover_holding_the_output_is_killed(output: str, tmp_path: Path) ->
     killed = notes.decode().removeprefix("killing leaked background processes: ").split()
     assert len(killed) == 1, notes  # the sleeper only: not us, who hold the pipes' other ends
     assert str(os.getpid()) not in killed
-    assert _sleepers(tag) == []
+    assert sleepers(tag) == []
     assert list(tmp_path.glob("t-wrapper.log*")) == []  # log and fifos removed
 
 
