@@ -20,34 +20,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from nestbed.image import BuildOptions, ensure_image
+from qemu_testbed import run_tests
 
-BIN = Path(sys.executable).parent
+from nestbed.image import BuildOptions, ImagePaths, ensure_image
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def write_package(root: Path, tests: int) -> Path:
-    control = root / "debian" / "tests" / "control"
-    control.parent.mkdir(parents=True)
-    control.write_text(
-        "".join(f"Test-Command: true\nDepends:\nFeatures: test-name=t{i}\n\n" for i in range(tests))
-    )
-    return root
-
-
-def timed_run(source: Path | None, package: Path, image: Path) -> float:
-    env = dict(os.environ)
-    if source is not None:
-        env["PYTHONPATH"] = str(source)
-    started = time.monotonic()
-    subprocess.run(
-        [str(BIN / "nestbed"), "-B", str(package), "--", "qemu", str(image)],
-        check=True, capture_output=True, timeout=900, env=env,
-    )  # fmt: skip
-    return time.monotonic() - started
+def timed_run(source: Path | None, tests: int, image: ImagePaths) -> float:
+    """A run from `source` (a worktree's src), or from the working tree (None)."""
+    env = None if source is None else {**os.environ, "PYTHONPATH": str(source)}
+    return run_tests(image, tests, env=env)
 
 
 def main() -> int:
@@ -57,7 +42,7 @@ def main() -> int:
     parser.add_argument("--tests", type=int, default=6)
     parser.add_argument("--image", type=Path, help="image directory (default: the cached one)")
     args = parser.parse_args()
-    image = args.image or ensure_image(BuildOptions()).directory
+    image = ImagePaths.load(args.image) if args.image else ensure_image(BuildOptions())
     with tempfile.TemporaryDirectory(prefix="nestbed-ab-") as tmp:
         worktree = Path(tmp, "old")
         subprocess.run(
@@ -65,16 +50,14 @@ def main() -> int:
             check=True,
         )  # fmt: skip
         try:
-            one = write_package(Path(tmp, "one"), 1)
-            many = write_package(Path(tmp, "many"), args.tests)
             sides = {"old": worktree / "src", "new": None}
             for source in sides.values():
-                timed_run(source, one, image)
+                timed_run(source, 1, image)
             results: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
             for round_ in range(1, args.rounds + 1):
                 for name, source in sides.items():
-                    t1 = timed_run(source, one, image)
-                    tn = timed_run(source, many, image)
+                    t1 = timed_run(source, 1, image)
+                    tn = timed_run(source, args.tests, image)
                     results[name].append((t1, tn))
                     per_test = (tn - t1) / (args.tests - 1)
                     print(f"round {round_} {name}: 1 test {t1:.2f} s, {args.tests} tests "

@@ -70,7 +70,10 @@ def ready(image: ImagePaths, *extra: str, reverts: int = 0, execs: int = 0) -> d
     return out
 
 
-def run_tests(image: ImagePaths, n: int, stanza: str = "", *options: str) -> float:
+def run_tests(
+    image: ImagePaths, n: int, stanza: str = "", *options: str, env: dict[str, str] | None = None
+) -> float:
+    """Seconds a nestbed run of n `true` tests takes (`env`: the runner's environment)."""
     with tempfile.TemporaryDirectory() as tmp:
         tests = Path(tmp, "pkg", "debian", "tests")
         tests.mkdir(parents=True)
@@ -84,7 +87,7 @@ def run_tests(image: ImagePaths, n: int, stanza: str = "", *options: str) -> flo
         subprocess.run(
             [str(BIN / "nestbed"), *options, "-B", str(tests.parent.parent), "--", "qemu",
              str(image.directory)],
-            check=True, capture_output=True, timeout=900,
+            check=True, capture_output=True, timeout=900, env=env,
         )  # fmt: skip
         return time.monotonic() - start
 
