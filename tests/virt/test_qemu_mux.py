@@ -21,7 +21,7 @@ import pytest
 from nestbed.guest import frameclient
 from nestbed.guest.agent import OUTPUT_WINDOW, FrameType
 from nestbed.qemu import mux as mux_module
-from nestbed.qemu.execclient import helper_argv
+from nestbed.qemu.execclient import EXIT_HELPER_FAILED, HereStream, helper_argv
 from nestbed.qemu.mux import BUFFER_LIMIT, Mux, MuxTimeout
 
 
@@ -125,6 +125,41 @@ def test_sigterm_is_forwarded(rig: Rig) -> None:
     time.sleep(1)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 128 + signal.SIGTERM
+
+
+def test_a_command_streamed_from_this_process(rig: Rig, tmp_path: Path) -> None:
+    """What the runner does with a test's command: no helper process, same statuses."""
+    out, err = bytearray(), bytearray()
+
+    def start(*argv: str, path: Path = rig.sock) -> HereStream:
+        return HereStream(str(path), list(argv), stdin=None, out=out.extend, err=err.extend)
+
+    here = start("sh", "-c", "echo out; echo err >&2; exit 3")
+    assert (here.wait(30), out, err) == (3, b"out\n", b"err\n")
+
+    here = start("sleep", "100")
+    assert here.wait(0.5) is None
+    here.signal(signal.SIGTERM)
+    assert here.wait(10) == 128 + signal.SIGTERM
+
+    pidfile = tmp_path / "pid"
+    script = f"echo $$ > {pidfile}; exec sleep 100"
+    here = start("sh", "-c", script)
+    deadline = time.monotonic() + 10
+    while not pidfile.exists() or not pidfile.read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    pid = int(pidfile.read_text())
+    here.kill()
+    assert here.wait(10) == EXIT_HELPER_FAILED
+    while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
+        assert time.monotonic() < deadline + 10, "the command outlived its connection"
+        time.sleep(0.05)
+    here.signal(signal.SIGTERM)  # after the end: nothing to do, no error
+
+    err.clear()
+    gone = start("true", path=tmp_path / "nothing")
+    assert gone.wait(1) == EXIT_HELPER_FAILED and b"the testbed is gone" in err
 
 
 def test_a_commands_own_255_is_253(rig: Rig) -> None:

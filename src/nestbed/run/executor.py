@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import shlex
 import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO
 
 from nestbed import trace
 from nestbed.errors import TestbedFailure
 from nestbed.log import Console
-from nestbed.proc import DEVNULL, PIPE, TimeoutExpired, stop
+from nestbed.proc import TimeoutExpired
 from nestbed.report.results import TestResult, Verdict
 from nestbed.run.capture import Capture
 from nestbed.spec.model import TestSpec
@@ -159,12 +157,6 @@ def _run_as(test: TestSpec, env: TestEnvironment, script: str) -> list[str]:
 NOTES_MARKER = b"\0nestbed-wrapper-notes\0"
 
 
-def _pump(src: IO[bytes], sink: Callable[[bytes], None], store: Capture) -> None:
-    while chunk := src.read1(65536):  # type: ignore[attr-defined]
-        store.write(chunk)
-        sink(chunk)
-
-
 class StderrSplitter:
     """Passes the test's stderr on as it comes, and takes the wrapper's notes off its end
     (they follow NOTES_MARKER). Only bytes that may begin the marker are held back, so a
@@ -208,11 +200,6 @@ class StderrSplitter:
     def close(self) -> None:
         self._emit(self._held)
         self._held = b""
-
-    def pump(self, src: IO[bytes]) -> None:
-        while chunk := src.read1(65536):  # type: ignore[attr-defined]
-            self.feed(chunk)
-        self.close()
 
 
 def run_test(
@@ -341,31 +328,28 @@ def _run_once(
     """One run of the test command: exit status, whether the testbed stopped answering,
     and the wrapper's notes."""
     started = time.monotonic()
-    proc = testbed.popen(argv, stdin=DEVNULL, stdout=PIPE, stderr=PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
     stderr = StderrSplitter(console.write_stderr, err)
-    pumps = [
-        threading.Thread(target=_pump, args=(proc.stdout, console.write_stdout, out), daemon=True),
-        threading.Thread(target=stderr.pump, args=(proc.stderr,), daemon=True),
-    ]
-    for t in pumps:
-        t.start()
+
+    def stdout(chunk: bytes) -> None:
+        out.write(chunk)
+        console.write_stdout(chunk)
+
+    running = testbed.stream(argv, stdout=stdout, stderr=stderr.feed)
     hard_timeout = timeout + KILL_GRACE if timeout > 0 else None
     stuck = False
     try:
-        returncode = proc.wait(timeout=hard_timeout)
+        returncode = running.wait(timeout=hard_timeout)
     except TimeoutExpired:
         # the in-testbed timeout should have fired long ago: the testbed is not answering
         stuck = True
-        stop(proc, grace=0, kill_wait=None)
-        returncode = proc.wait()
+        running.stop(grace=0)
+        returncode = running.wait()
     except BaseException:
         # interrupted (Ctrl-C, SIGTERM): SIGTERM first, su passes it on to the test's own
         # session; the test must not outlive us
-        stop(proc, grace=5, kill_wait=None)
+        running.stop(grace=5)
         raise
-    for t in pumps:
-        t.join(timeout=10)
+    stderr.close()
     if trace.enabled():
         trace.record("exec", "the test: " + shlex.join(argv[-3:]), started, time.monotonic())
     return returncode, stuck, bytes(stderr.notes)

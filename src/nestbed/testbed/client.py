@@ -15,6 +15,7 @@ import re
 import select
 import shlex
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -25,6 +26,7 @@ from typing import IO, NamedTuple
 from nestbed import trace
 from nestbed.capabilities import SUGGESTED_NORMAL_USER, Cap, value_of
 from nestbed.errors import TestbedFailure, UsageError, VirtServerError
+from nestbed.guest.frameclient import Writer
 from nestbed.proc import DEVNULL, PIPE, CommandFailed, Process, Stream, TimeoutExpired, spawn, stop
 from nestbed.qemu import execclient
 from nestbed.testbed.protocol import (
@@ -76,6 +78,70 @@ class ExecResult(NamedTuple):
     returncode: int
     stdout: bytes
     stderr: bytes
+
+
+class StreamedCommand:
+    """A command started by `Testbed.stream`: its output goes to the caller's writers as it
+    comes. `wait` raises TimeoutExpired while it runs; `stop` ends it (SIGTERM, then after
+    `grace` seconds it is killed; 0: at once)."""
+
+    def wait(self, timeout: float | None = None) -> int:
+        raise NotImplementedError
+
+    def stop(self, grace: float) -> None:
+        raise NotImplementedError
+
+
+class _HereCommand(StreamedCommand):
+    """Streamed through the multiplexer from this process: no helper started."""
+
+    def __init__(self, here: execclient.HereStream, argv: Sequence[str]) -> None:
+        self._here = here
+        self._argv = list(argv)
+
+    def wait(self, timeout: float | None = None) -> int:
+        status = self._here.wait(timeout)
+        if status is None:
+            raise TimeoutExpired(self._argv, timeout or 0)
+        return status
+
+    def stop(self, grace: float) -> None:
+        if grace > 0:
+            self._here.signal(signal.SIGTERM)
+            if self._here.wait(grace) is not None:
+                return
+        self._here.kill()
+
+
+class _PrefixCommand(StreamedCommand):
+    """Run by the exec prefix in a process of its own, its pipes pumped by two threads."""
+
+    _PUMP_WAIT = 10.0  # a process that left the group may hold the pipes: do not wait for it
+
+    def __init__(self, proc: Process, stdout: Writer, stderr: Writer) -> None:
+        self._proc = proc
+        assert proc.stdout is not None and proc.stderr is not None
+        self._pumps = [
+            threading.Thread(target=_pump, args=(proc.stdout, stdout), daemon=True),
+            threading.Thread(target=_pump, args=(proc.stderr, stderr), daemon=True),
+        ]
+        for pump in self._pumps:
+            pump.start()
+
+    def wait(self, timeout: float | None = None) -> int:
+        returncode = self._proc.wait(timeout)
+        for pump in self._pumps:
+            pump.join(self._PUMP_WAIT)
+        return returncode
+
+    def stop(self, grace: float) -> None:
+        stop(self._proc, grace=grace, kill_wait=None)
+
+
+def _pump(src: IO[bytes], sink: Writer) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        while chunk := src.read1(65536):  # type: ignore[attr-defined]
+            sink(chunk)
 
 
 # A testbed named without a path: nestbed's server of that name, else autopkgtest's (so
@@ -645,6 +711,20 @@ class Testbed:
         real = [*self.exec_prefix, *argv]
         self._debug(f"popen: {shlex.join(real)}")
         return self._spawn_exec(real, stdin=stdin, stdout=stdout, stderr=stderr)
+
+    def stream(self, argv: Sequence[str], *, stdout: Writer, stderr: Writer) -> StreamedCommand:
+        """Start exec prefix + argv with no stdin, its output to `stdout` and `stderr` as it
+        comes; through the multiplexer from this process when the prefix is nestbed's helper."""
+        self._require_open("start a command")
+        real = [*self.exec_prefix, *argv]
+        self._debug(f"stream: {shlex.join(real)}")
+        if self._helper_socket is not None:
+            here = execclient.HereStream(
+                self._helper_socket, list(argv), stdin=None, out=stdout, err=stderr
+            )
+            return _HereCommand(here, argv)
+        proc = self._spawn_exec(real, stdin=DEVNULL, stdout=PIPE, stderr=PIPE)
+        return _PrefixCommand(proc, stdout, stderr)
 
     def _spawn_exec(
         self, real: list[str], *, stdin: Stream, stdout: Stream, stderr: Stream
