@@ -2,8 +2,8 @@
 
 autopkgtest's README.virtualisation-server defines them; a server advertises a word only when
 a test relying on it really gets it. `Cap` members are `str`s, so they compare equal to the
-words read off the wire (`Cap.REVERT in testbed.caps`). Two capabilities carry a value:
-`suggested-normal-user=USER` and `downtmp-host=PATH`.
+words read off the wire (`Cap.REVERT in testbed.caps`). Capabilities that carry a value:
+`suggested-normal-user=USER`, `downtmp-host=PATH` and nestbed's `parallel=MIB`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ class Cap(StrEnum):
 
 
 SUGGESTED_NORMAL_USER = "suggested-normal-user"
+# nestbed's own, `parallel=MIB`: more servers with the same arguments may run at once, each
+# an independent testbed holding about MIB MiB of the host's memory (-j)
+PARALLEL = "parallel"
 DOWNTMP_HOST = "downtmp-host"
 
 

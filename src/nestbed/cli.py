@@ -285,6 +285,17 @@ def _add_setup(p: argparse.ArgumentParser) -> None:
     """Options: what is done to the testbed before the tests."""
     g = p.add_argument_group("testbed setup (applied again after every revert)")
     g.add_argument(
+        "-j",
+        "--jobs",
+        type=_jobs,
+        default=1,
+        metavar="N",
+        help="run a package's tests on up to N testbeds at once, each set up as the first"
+        " (nestbed's qemu and unshare testbeds; others run one test at a time); results"
+        " come in the control file's order, as without -j; N is capped by the memory"
+        " free for the testbeds (default 1)",
+    )
+    g.add_argument(
         "--setup-commands",
         action="append",
         default=[],
@@ -390,6 +401,16 @@ def _add_timeouts(p: argparse.ArgumentParser) -> None:
         metavar="FACTOR",
         help="multiply all default timeouts by FACTOR",
     )
+
+
+def _jobs(value: str) -> int:
+    try:
+        jobs = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if jobs < 1:
+        raise argparse.ArgumentTypeError(f"at least 1: {value}")
+    return jobs
 
 
 def _seconds(value: str) -> int:
@@ -552,6 +573,7 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
         shell_fail=ns.shell_fail,
         shell=ns.shell,
         apt_fallback=ns.apt_fallback,
+        jobs=ns.jobs,
     )
 
 

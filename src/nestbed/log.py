@@ -205,3 +205,60 @@ class Console:
 
     def stdout_line(self, text: str) -> None:
         self.write_stdout((text + "\n").encode("UTF-8", "replace"))
+
+
+class HeldConsole(Console):
+    """A Console for one test running beside others: what it is given is held, lines
+    formatted as the run's are, until `release` passes it all to the run's console at once
+    (a parallel run's log reads as a serial one's); after that it passes on directly."""
+
+    def __init__(self, parent: Console) -> None:
+        # not Console.__init__: the run's logging is set up already, and stays the parent's
+        self.verbosity = parent.verbosity
+        self.prog = parent.prog
+        self._parent = parent
+        self._lock = threading.Lock()
+        self._held: list[tuple[bool, bytes]] | None = []  # (to stdout, data); None: released
+        self._formatter = LineFormatter(parent.prog, AUTOPKGTEST)
+        self._logfile = None
+
+    def write_stdout(self, data: bytes) -> None:
+        self._pass(True, data)
+
+    def write_stderr(self, data: bytes) -> None:
+        self._pass(False, data)
+
+    def _pass(self, to_stdout: bool, data: bytes) -> None:
+        with self._lock:
+            if self._held is not None:
+                self._held.append((to_stdout, data))
+                return
+        (self._parent.write_stdout if to_stdout else self._parent.write_stderr)(data)
+
+    def release(self, into: Console | None = None) -> None:
+        """Pass what is held to the run's console (or to `into`), and from now on directly."""
+        target = into or self._parent
+        with self._lock:
+            held, self._held = self._held or [], None
+        for to_stdout, data in held:
+            (target.write_stdout if to_stdout else target.write_stderr)(data)
+
+    def _line(self, level: int, text: str) -> None:
+        shown = logging.DEBUG if self.verbosity >= DEBUG else logging.INFO
+        if self.verbosity <= QUIET:
+            shown = logging.WARNING
+        if level >= shown:
+            record = logging.makeLogRecord({"msg": text, "levelno": level, "args": None})
+            self.write_stderr((self._formatter.format(record) + "\n").encode("UTF-8", "replace"))
+
+    def info(self, text: str) -> None:
+        self._line(logging.INFO, text)
+
+    def error(self, text: str) -> None:
+        self._line(logging.ERROR, text)
+
+    def warning(self, text: str) -> None:
+        self._line(logging.WARNING, text)
+
+    def debug(self, text: str) -> None:
+        self._line(logging.DEBUG, text)

@@ -135,7 +135,7 @@ def test_a_command_streamed_from_this_process(rig: Rig, tmp_path: Path) -> None:
         return HereStream(str(path), list(argv), stdin=None, out=out.extend, err=err.extend)
 
     here = start("sh", "-c", "echo out; echo err >&2; exit 3")
-    assert (here.wait(30), out, err) == (3, b"out\n", b"err\n")
+    assert (here.wait(30), bytes(out), bytes(err)) == (3, b"out\n", b"err\n")
 
     here = start("sleep", "100")
     assert here.wait(0.5) is None

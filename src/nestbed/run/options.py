@@ -67,3 +67,4 @@ class RunOptions:
     shell_fail: bool = False  # -s: a shell after a failed build, install or test
     shell: bool = False  # a shell after every test
     apt_fallback: bool = True  # --no-apt-fallback: keep the pinning when deps fail
+    jobs: int = 1  # -j: a package's tests on up to this many testbeds at once (run.parallel)

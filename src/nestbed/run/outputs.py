@@ -9,11 +9,11 @@ import shlex
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from nestbed.log import Console
+from nestbed.log import Console, HeldConsole
 from nestbed.report.machine import write_json, write_junit
 from nestbed.report.results import ExitStatus, TestResult
 from nestbed.run.capture import Capture
@@ -162,6 +162,35 @@ class RunOutputs:
         self.console.close()
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class HeldOutputs(RunOutputs):
+    """The run's outputs as one test running beside others sees them: the same directory
+    and files, but its result and summary lines and its verdict wait, with its console's
+    lines, until `release` (a parallel run's results come in the control file's order)."""
+
+    def __init__(self, run: RunOutputs, console: HeldConsole) -> None:
+        # not RunOutputs.__init__: the run's files are open already, and stay the run's
+        self.__dict__.update(run.__dict__)
+        self.console = self._held = console
+        self._run = run
+        self._pending: list[Callable[[], None]] = []
+
+    def summary_line(self, text: str) -> None:
+        self._pending.append(lambda: self._run.summary_line(text))
+
+    def record(self, result: TestResult) -> None:
+        self.report(result.name, result.text())
+        self._pending.append(lambda: self._run.status.add(result))
+
+    def release(self) -> None:
+        self._held.release()
+        for step in self._pending:
+            step()
+        self._pending.clear()
+
+    def close(self) -> None:
+        raise AssertionError("the run's outputs are closed by the run")
 
 
 def write_machine_results(

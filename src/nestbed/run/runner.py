@@ -23,13 +23,14 @@ from collections.abc import Callable, Mapping
 
 from nestbed import errors
 from nestbed.capabilities import WANT_BASEIMAGE, Cap
-from nestbed.log import DEBUG, PLAIN, Console
+from nestbed.log import DEBUG, PLAIN, Console, HeldConsole
 from nestbed.report.results import ExitStatus, TestResult, Verdict
 from nestbed.run import build
 from nestbed.run.deadline import SKIP_REASON, RunDeadline
 from nestbed.run.lifecycle import TestbedLifecycle
 from nestbed.run.options import PackageArg, RunOptions
-from nestbed.run.outputs import RunOutputs, TestbedFacts, write_machine_results
+from nestbed.run.outputs import HeldOutputs, RunOutputs, TestbedFacts, write_machine_results
+from nestbed.run.parallel import ParallelRun, Worker, available_mib, testbeds_for
 from nestbed.run.plan import TestPlan
 from nestbed.run.testcase import TestCaseRunner
 from nestbed.run.tree import Limits, SourceTree, prepare
@@ -129,9 +130,13 @@ class Runner:
         binary = self.lifecycle.binaries.register(path)
         self.blamed.append(f"deb:{binary.name}")
 
-    def _prepare(self, life: TestbedLifecycle, package: PackageArg) -> SourceTree:
+    def _prepare(
+        self, life: TestbedLifecycle, package: PackageArg, console: Console | None = None
+    ) -> SourceTree:
         limits = Limits(copy=life.copy_timeout, install=self.options.timeouts.install)
-        return prepare(life.testbed, package, limits, self.workdir, self.console, life.user)
+        return prepare(
+            life.testbed, package, limits, self.workdir, console or self.console, life.user
+        )
 
     def _run_package(self, life: TestbedLifecycle, package: PackageArg) -> None:
         console, outputs, status = self.console, self.outputs, self.outputs.status
@@ -179,22 +184,79 @@ class Runner:
                 outputs.report("*", "SKIP no tests in this package")
             status.finish_package(had_tests=False)
         else:
-            testcases = TestCaseRunner(self.options, console, life, outputs, self.deadline)
-            for test in tests:
-                if self.deadline.exceeded:
-                    outputs.record(
-                        TestResult(test.name, Verdict.SKIP, SKIP_REASON, package=tree.name)
-                    )
-                    continue
-                console.info(f"test {test.name}: preparing testbed")
-                if life.reset(test.depends):
-                    # a revert took the tree away with everything else
-                    tree = self._prepare(life, again)
-                testcases.run(tree, test, self.blamed)
+            self._run_tests(life, tests, tree, again)
             status.finish_package(had_tests=True)
         life.modified = True
         if console.verbosity >= 1:
             outputs.show_summary()
+
+    def _run_tests(
+        self, life: TestbedLifecycle, tests: list[TestSpec], tree: SourceTree, again: PackageArg
+    ) -> None:
+        """The package's tests in order on the run's testbed, or with -j on several."""
+        testcases = TestCaseRunner(self.options, self.console, life, self.outputs, self.deadline)
+        first = Worker(life, testcases, tree, 1)
+        count = self._testbeds_for(life, len(tests))
+        if count <= 1:
+            for test in tests:
+                self._run_test(first, test, again, self.console, self.outputs)
+            return
+
+        def open_more(
+            number: int, console: HeldConsole, register: Callable[[TestbedLifecycle], None]
+        ) -> Worker:
+            more = TestbedLifecycle(
+                self.options, console, self.outputs, TestbedFacts(), self.server_env
+            )
+            register(more)  # before it starts: an interrupt releases it
+            more.binaries = life.binaries
+            more.open()
+            more.check_user()
+            tree = self._prepare(more, again, console)
+            runner = TestCaseRunner(self.options, console, more, self.outputs, self.deadline)
+            return Worker(more, runner, tree, number)
+
+        def run_test(
+            worker: Worker, test: TestSpec, console: HeldConsole, out: HeldOutputs
+        ) -> None:
+            self._run_test(worker, test, again, console, out, f" (testbed {worker.number})")
+
+        ParallelRun(self.console, self.outputs, first, count, open_more, run_test).run(tests)
+
+    def _testbeds_for(self, life: TestbedLifecycle, tests: int) -> int:
+        jobs = self.options.jobs
+        if jobs > 1 and (self.options.shell or self.options.shell_fail):
+            self.console.warning(f"-j {jobs}: with a shell (-s, --shell) one test at a time")
+            return 1
+        if jobs > 1 and not life.can(Cap.REVERT):
+            # the tests' tree is copied into each testbed as into a reverted one
+            self.console.warning(
+                f"-j {jobs}: {life.testbed.name} cannot revert: one test at a time"
+            )
+            return 1
+        free = available_mib() if jobs > 1 else 0
+        return testbeds_for(jobs, tests, life.caps, life.testbed.name, self.console, free)
+
+    def _run_test(
+        self,
+        worker: Worker,
+        test: TestSpec,
+        again: PackageArg,
+        console: Console,
+        outputs: RunOutputs,
+        where: str = "",
+    ) -> None:
+        if self.deadline.exceeded:
+            outputs.record(
+                TestResult(test.name, Verdict.SKIP, SKIP_REASON, package=worker.tree.name)
+            )
+            return
+        worker.use(console, outputs)
+        console.info(f"test {test.name}: preparing testbed{where}")
+        if worker.life.reset(test.depends):
+            # a revert took the tree away with everything else
+            worker.tree = self._prepare(worker.life, again, console)
+        worker.testcases.run(worker.tree, test, self.blamed)
 
     def _keep_tree(
         self, life: TestbedLifecycle, package: PackageArg, tree: SourceTree

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import ClassVar, NoReturn
 
 from nestbed import proc
+from nestbed.capabilities import PARALLEL, with_value
 from nestbed.errors import NestbedError
 from nestbed.image import bare as bare_mod
 from nestbed.image import cache as cache_mod
@@ -76,6 +77,8 @@ from nestbed.testbed.protocol import (
 NORMAL_USER = "nestbed"
 EXTRA_SERIAL = "nestbed-extra{}"
 DEFAULT_RAM_MB = 2048
+# QEMU's own memory beside the guest's, at most (measured under TCG: its code buffer, devices)
+QEMU_OWN_MIB = 384
 # the guest architectures nestbed's machine (a PC) runs, and dpkg's names for QEMU's
 PC_ARCHES = ("x86_64", "i386")
 DPKG_TO_QEMU = {"amd64": "x86_64", "i386": "i386", "arm64": "aarch64", "armhf": "arm",
@@ -407,6 +410,9 @@ Examples:
             caps.append("baseimage")
         if self.guest_kvm:
             caps.append("nested-kvm")
+        # each server its own QEMU, overlay, sockets and identity (the restore's refresh):
+        # the guest's memory and QEMU's own (TCG's code buffer, the devices)
+        caps.append(with_value(PARALLEL, str(self.args.ram_size + QEMU_OWN_MIB)))
         return caps
 
     def _probe_args(self) -> list[str]:

@@ -34,7 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, NoReturn
 
-from nestbed.capabilities import SUGGESTED_NORMAL_USER, WANT_BASEIMAGE, Cap, with_value
+from nestbed.capabilities import (
+    PARALLEL,
+    SUGGESTED_NORMAL_USER,
+    WANT_BASEIMAGE,
+    Cap,
+    with_value,
+)
 from nestbed.container import rootfs
 from nestbed.container.container import Container, ContainerConfig, OverlayUnavailable
 from nestbed.container.tarball import ensure_tarball, host_arch, host_release
@@ -48,6 +54,8 @@ from nestbed.testbed.protocol import ServerFailure, VirtServer, run_server
 
 # the name autopkgtest-virt-unshare gives its normal user, so tests see the same
 NORMAL_USER = "unshare"
+# what a container holds of the host's memory beside its tests' own: its PID 1, unshare
+CONTAINER_MIB = 64
 REQUIRED = ("unshare", "nsenter", "tar")
 
 # Run in the started container (its own sh): what a test relying on `baseimage` and
@@ -196,6 +204,8 @@ Examples:
             caps.append(Cap.BASEIMAGE)
         if "kvm" in self.probed:
             caps.append(Cap.NESTED_KVM)
+        if self.unpack_dir is None:  # each server unpacks its own root in its own directory
+            caps.append(with_value(PARALLEL, str(CONTAINER_MIB)))
         return caps
 
     # ---- testbed -------------------------------------------------------------------------
