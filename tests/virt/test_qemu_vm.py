@@ -291,3 +291,64 @@ def test_isolation_machine_is_true_a_service_starts(
     control.write_text(control.read_text().replace("needs-root,", "needs-root, isolation-machine,"))
     rc, out, err = nestbed("-B", str(pkg), "--", "qemu", str(nestbed_image.directory))
     assert (rc, results(out)) == (0, ["service PASS"]), err[-3000:]
+
+
+# ---- -j: several machines at once --------------------------------------------------------
+
+
+def test_parallel_tests_run_on_separate_machines_and_an_interrupt_ends_them_all(
+    nestbed_image: ImagePaths, tmp_path: Path
+) -> None:
+    """-j 3: the fixture's tests on three machines restored from the one ready state, each
+    its own (host name, disk: the breaker's file is seen by no other test), results as a
+    serial run gives them; then a SIGINT in the middle of such a run leaves nothing."""
+    out = tmp_path / "out"
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+    rc, stdout, err = nestbed(
+        "-j", "3", "-B", "--env", "SLEEP=2", "-o", str(out), str(FIXTURES / "parallel"),
+        "--", "qemu", "--overlay-dir", str(overlays), str(nestbed_image.directory),
+    )  # fmt: skip
+    assert rc == 4, err[-3000:]
+    assert results(stdout) == [
+        "sleeper-1 PASS", "sleeper-2 PASS", "breaker PASS", "clean-1 PASS", "clean-2 PASS",
+        "noisy FAIL stderr: noisy says this on stderr",
+    ]  # fmt: skip
+    assert (out / "summary").read_text().split("\n")[:6] == [
+        line for line in stdout.splitlines() if RESULT.match(line)
+    ]
+    hosts = {
+        (out / f"{name}-stdout").read_text().split(" on ")[1].strip()
+        for name in ("sleeper-1", "sleeper-2", "breaker", "clean-1", "clean-2")
+    }
+    assert len(hosts) >= 2, hosts  # more than one machine ran them
+    assert "running up to 3 tests at once, on 3 testbeds" in err
+    _nothing_left(overlays)
+
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    log = tmp_path / "runner.log"
+    with open(log, "wb") as f:
+        runner = subprocess.Popen(
+            [NESTBED, "-j", "3", "-B", "--env", "SLEEP=600", str(FIXTURES / "parallel"),
+             "--", "qemu", "--overlay-dir", str(overlays), str(nestbed_image.directory)],
+            stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(tmpdir)},
+        )  # fmt: skip
+
+    def machines() -> int:
+        return sum(
+            b"qemu-system" in Path(f"/proc/{p}/cmdline").read_bytes()
+            for p in procs_mentioning(str(overlays))
+        )
+
+    try:
+        wait_for(lambda: machines() == 3, 300, "three machines")
+        time.sleep(3)  # their tests started
+        runner.send_signal(signal.SIGINT)
+        assert runner.wait(120) == -signal.SIGINT, log.read_text()[-3000:]
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+    _nothing_left(overlays)
+    assert os.listdir(tmpdir) == []

@@ -813,3 +813,59 @@ def _sha256(path: Path) -> str:
     return subprocess.run(
         ["sha256sum", str(path)], capture_output=True, text=True, check=True
     ).stdout.split()[0]
+
+
+@pytest.mark.network
+def test_parallel_run_gives_what_a_serial_run_gives(tarball: Path, tmp_path: Path) -> None:
+    """-j 3 on containers: the same exit status, result lines, summary and per-test files
+    as -j 1, in the same order; the breaker's change is seen by no other test."""
+    runs = {}
+    for jobs in ("1", "3"):
+        out = tmp_path / f"out-{jobs}"
+        runs[jobs] = run_nestbed(
+            "-j", jobs, "-B", "--env", "SLEEP=2", "-o", str(out), f"{FIXTURES / 'parallel'}/",
+            "--", "unshare",
+        )  # fmt: skip
+    assert runs["1"][:2] == runs["3"][:2], runs["3"][2][-3000:]
+    assert runs["1"][0] == 4 and "clean-1              PASS" in runs["1"][1]
+    one, three = tmp_path / "out-1", tmp_path / "out-3"
+    assert sorted(os.listdir(one)) == sorted(os.listdir(three))
+    for name in os.listdir(one):
+        if name.endswith(("-stdout", "-stderr")) or name == "summary":
+            assert (one / name).read_text() == (three / name).read_text(), name
+    assert "(testbed 2)" in runs["3"][2]  # a second container did run tests
+    assert not wait_gone(container_pids())
+
+
+@pytest.mark.network
+def test_parallel_run_signal_leaves_nothing(tarball: Path, tmp_path: Path) -> None:
+    sleeper = "#!/bin/sh\n(sleep 3133 >/dev/null 2>&1 &)\nexec sleep 3134\n"
+    tree = write_package(
+        tmp_path / "pkg",
+        {"one": sleeper, "two": sleeper, "three": sleeper},
+        "Tests: one two three\nDepends:\n",
+    )
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    runner = subprocess.Popen(
+        [*nestbed_argv(), "-j", "3", "-B", str(tree), "--", "unshare"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(tmpdir)},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(processes_matching("sleep 3134")) < 3:
+            assert runner.poll() is None, runner.communicate()
+            assert time.monotonic() < deadline, "the three tests never ran at once"
+            time.sleep(0.1)
+        runner.send_signal(signal.SIGINT)
+        runner.communicate(timeout=90)
+        assert runner.returncode == -signal.SIGINT  # it dies of the signal, as autopkgtest
+        assert not wait_gone(processes_matching("sleep 313"))
+        assert not wait_gone(container_pids())
+        assert os.listdir(tmpdir) == []
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
