@@ -1,5 +1,6 @@
 """One nestbed run: each package in turn, from its tree through its plan and tests to the
-result lines, on one testbed; the errors that end a run become its exit status here.
+result lines, on one testbed (with -j, its tests on several: `parallel`); the errors that
+end a run become its exit status here.
 
 The pieces, each crossed once on a test's way from the command line to its result line:
 `plan` (which tests, read once), `lifecycle` (the testbed), `testcase` (one test),
