@@ -31,7 +31,7 @@ from nestbed.image import BuildOptions, ensure_image
 
 TESTS = 6
 SECONDS = 5
-CPU_MIB = 120
+CPU_MIB = 240
 KINDS = {
     "sleeping": f"sleep {SECONDS}",
     # a fixed amount of work (not a time: a guest's clock runs on however slow it gets),
