@@ -43,6 +43,8 @@ def test_help_teaches_and_exits_0() -> None:
             "--override-control: cannot read /nonexistent/ctl",
         ),
         (["--needs-internet=maybe", str(EXAMPLE), "--", "null"], "--needs-internet"),
+        (["-j", "0", str(EXAMPLE), "--", "null"], "argument -j/--jobs: at least 1: 0"),
+        (["--jobs=many", str(EXAMPLE), "--", "null"], "-j/--jobs: not a whole number: 'many'"),
     ],
 )
 def test_bad_usage_is_one_line_and_exit_20(args: list[str], message: str) -> None:

@@ -403,24 +403,22 @@ def _add_timeouts(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _jobs(value: str) -> int:
+def _whole_number(value: str, least: int, of: str, below: str) -> int:
     try:
-        jobs = int(value)
+        number = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-    if jobs < 1:
-        raise argparse.ArgumentTypeError(f"at least 1: {value}")
-    return jobs
+        raise argparse.ArgumentTypeError(f"not a whole number{of}: {value!r}") from None
+    if number < least:
+        raise argparse.ArgumentTypeError(f"{below}: {value}")
+    return number
+
+
+def _jobs(value: str) -> int:
+    return _whole_number(value, 1, "", "at least 1")
 
 
 def _seconds(value: str) -> int:
-    try:
-        seconds = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of seconds: {value!r}") from None
-    if seconds < 0:
-        raise argparse.ArgumentTypeError(f"a timeout cannot be negative: {value}")
-    return seconds
+    return _whole_number(value, 0, " of seconds", "a timeout cannot be negative")
 
 
 def _split_virt(argv: list[str]) -> tuple[list[str], list[str] | None]:
