@@ -34,10 +34,14 @@ def _restore_setup() -> Iterator[None]:
     log.setup(log.program_name())
 
 
+RELEASED: list[int] = []  # the fake testbeds released, by number
+
+
 def fake_worker(number: int) -> Worker:
     # a Worker's testbed and test runner are only handed to run_test (faked here) and given
-    # the console and outputs of each test
-    life = cast(TestbedLifecycle, SimpleNamespace(console=None))
+    # the console and outputs of each test; its testbed may be released
+    testbed = SimpleNamespace(release=lambda: RELEASED.append(number))
+    life = cast(TestbedLifecycle, SimpleNamespace(console=None, testbed=testbed))
     runner = cast(TestCaseRunner, SimpleNamespace(console=None, outputs=None))
     return Worker(life, runner, SourceTree("/host", "/testbed", "pkg", "1"), number)
 
@@ -113,15 +117,18 @@ def test_results_come_in_the_control_files_order(capsys: pytest.CaptureFixture[s
 def test_an_error_ends_the_run_after_the_results_before_it(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    RELEASED.clear()
     with pytest.raises(errors.TestbedFailure, match="lost the testbed in second"):
         run_parallel(
             ["first", "second", "third", "fourth", "fifth"],
-            {"first": 0.8, "second": 0.1, "third": 0.3},
+            {"first": 1.0, "second": 0.3, "third": 0.6},
             fail="second",
         )
     out = capsys.readouterr().out.splitlines()
     # first's result although second failed before first ended; nothing after second
     assert out == ["first output", "first                PASS", "second output"]
+    # third was running: its testbed went at once (first's, still running, was kept)
+    assert len(RELEASED) == 1
 
 
 def test_a_testbed_that_does_not_open_leaves_its_tests_to_the_others(

@@ -101,14 +101,17 @@ class ParallelRun:
         self.count = count
         self._open_more = open_more
         self._run_test = run_test
-        self._lock = threading.Lock()
+        # reentrant: an interrupt may come while the main thread (testbed 1's) holds it
+        self._lock = threading.RLock()
         self._tests: list[TestSpec] = []
         self._next = 0
         self._done: list[tuple[HeldOutputs, Exception | None] | None] = []
         self._released = 0
         self._stop = False
+        self._abandoned = False  # interrupted: nothing more is let out
         self._failure: Exception | None = None
         self._lives: list[TestbedLifecycle] = []  # the testbeds opened here, to close
+        self._running: dict[int, TestbedLifecycle] = {}  # test index -> its testbed
 
     def run(self, tests: list[TestSpec]) -> None:
         self._tests = tests
@@ -126,7 +129,7 @@ class ParallelRun:
                 while thread.is_alive():
                     thread.join(0.5)
         except BaseException:  # interrupted: the other testbeds go now, their tests with them
-            self._stop = True
+            self._stop = self._abandoned = True
             for life in self._opened():
                 life.testbed.release()
             for thread in threads:
@@ -163,6 +166,7 @@ class ParallelRun:
                     return
                 index = self._next
                 self._next += 1
+                self._running[index] = worker.life
             console = HeldConsole(self.console)
             if opening is not None:  # the testbed's opening lines come with its first test
                 opening.release(console)
@@ -181,9 +185,16 @@ class ParallelRun:
         """Let out every test's results whose turn it is; stop at the first error."""
         with self._lock:
             self._done[index] = (outputs, error)
+            self._running.pop(index, None)
             if error is not None:
                 self._stop = True
-            while self._failure is None and self._released < len(self._done):
+                # tests after this one would not be reported: end them now, not at their end
+                for later, life in self._running.items():
+                    if later > index:
+                        life.testbed.release()
+            while not self._abandoned and self._failure is None:
+                if self._released == len(self._done):
+                    break
                 ready = self._done[self._released]
                 if ready is None:
                     break
