@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import IO, NamedTuple
+from typing import IO, NamedTuple, Protocol
 
 from nestbed import trace
 from nestbed.capabilities import SUGGESTED_NORMAL_USER, Cap, value_of
@@ -80,19 +80,17 @@ class ExecResult(NamedTuple):
     stderr: bytes
 
 
-class StreamedCommand:
+class StreamedCommand(Protocol):
     """A command started by `Testbed.stream`: its output goes to the caller's writers as it
     comes. `wait` raises TimeoutExpired while it runs; `stop` ends it (SIGTERM, then after
     `grace` seconds it is killed; 0: at once)."""
 
-    def wait(self, timeout: float | None = None) -> int:
-        raise NotImplementedError
+    def wait(self, timeout: float | None = None) -> int: ...
 
-    def stop(self, grace: float) -> None:
-        raise NotImplementedError
+    def stop(self, grace: float) -> None: ...
 
 
-class _HereCommand(StreamedCommand):
+class _HereCommand:
     """Streamed through the multiplexer from this process: no helper started."""
 
     def __init__(self, here: execclient.HereStream, argv: Sequence[str]) -> None:
@@ -113,7 +111,7 @@ class _HereCommand(StreamedCommand):
         self._here.kill()
 
 
-class _PrefixCommand(StreamedCommand):
+class _PrefixCommand:
     """Run by the exec prefix in a process of its own, its pipes pumped by two threads."""
 
     _PUMP_WAIT = 10.0  # a process that left the group may hold the pipes: do not wait for it
