@@ -1,7 +1,8 @@
 # debci backend "nestbed": what test-package and create-testbed share (sourced by both).
 #
 # debci (bin/debci-test, bin/debci-localtest) exports debci_suite, debci_arch,
-# debci_test_package, debci_test_outputdir and debci_autopkgtest_args; debci.conf may set:
+# debci_test_package, debci_test_outputdir and debci_autopkgtest_args; debci.conf may export
+# (exported: debci reads it into its own shell, and this runs in a program of its own):
 #   debci_nestbed_testbed   the testbed, as nestbed's words after `--` (default: nestbed's
 #                           QEMU image for the suite, built once into nestbed's image cache)
 #   debci_nestbed_args      more nestbed options for every test run (e.g. "-j 2")
