@@ -352,3 +352,17 @@ def test_parallel_tests_run_on_separate_machines_and_an_interrupt_ends_them_all(
             runner.wait()
     _nothing_left(overlays)
     assert os.listdir(tmpdir) == []
+
+
+@pytest.mark.network
+def test_a_source_package_by_name_on_nestbeds_image(
+    nestbed_image: ImagePaths, tmp_path: Path
+) -> None:
+    """`nestbed -U hello -- qemu IMAGE`: the image keeps only deb lines, so the source is
+    fetched through the deb-src twins nestbed adds for it; hello's tests run and pass."""
+    out = tmp_path / "out"
+    rc, stdout, err = nestbed(
+        "-U", "-o", str(out), "hello", "--", "qemu", str(nestbed_image.directory)
+    )
+    assert (rc, results(stdout)) == (0, ["command1 PASS", "upstream-tests PASS"]), err[-3000:]
+    assert (out / "testpkg-version").read_text().startswith("hello ")

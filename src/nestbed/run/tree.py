@@ -66,6 +66,21 @@ def has_patches_to_apply(tree: str) -> bool:
     return False
 
 
+# A source by name needs a deb-src entry; a testbed whose apt has none (nestbed's own images
+# keep only deb lines: an apt-get update with -U then fetches no Sources) gets the deb lines'
+# deb-src twins for it, and their indexes alone (docs/autopkgtest.md). Only as root.
+DEB_SRC_TWINS = (
+    "lists='/etc/apt/sources.list /etc/apt/sources.list.d/*.list"
+    " /etc/apt/sources.list.d/*.sources'; "
+    "if [ \"$(id -u)\" = 0 ]"
+    " && ! grep -qsE '^[[:space:]]*(deb-src[[:space:]]|Types:.*deb-src)' $lists; then "
+    "twins=/etc/apt/sources.list.d/nestbed-deb-src.list; "
+    "sed -n 's/^[[:space:]]*deb\\([[:space:]]\\)/deb-src\\1/p' $lists > $twins 2>/dev/null || :; "
+    "if [ -s $twins ]; then apt-get update -q -o Dir::Etc::sourcelist=$twins"
+    " -o Dir::Etc::sourceparts=- -o APT::Get::List-Cleanup=0; else rm -f $twins; fi; fi"
+)
+
+
 def _ensure_command(
     testbed: Testbed,
     command: str,
@@ -187,7 +202,7 @@ def _prepare(
         create = f"dpkg-source -x {q(scratch + '/' + os.path.basename(package.path))} src"
     elif package.kind == "apt-source":
         _ensure_command(testbed, "dpkg-source", "dpkg-dev", console, limits)
-        create = f"apt-get source -q --only-source {q(package.path)}"
+        create = f"{DEB_SRC_TWINS}; apt-get source -q --only-source {q(package.path)}"
     elif package.kind == "git-source":
         _ensure_command(testbed, "git", "git", console, limits)
         if package.path.startswith("https://"):
