@@ -68,7 +68,8 @@ def has_patches_to_apply(tree: str) -> bool:
 
 # A source by name needs a deb-src entry; a testbed whose apt has none (nestbed's own images
 # keep only deb lines: an apt-get update with -U then fetches no Sources) gets the deb lines'
-# deb-src twins for it, and their indexes alone (docs/autopkgtest.md). Only as root.
+# deb-src twins for it, and their indexes alone (docs/autopkgtest.md). Only as root, and only
+# in a testbed that is thrown away (on null it would be the host's apt).
 DEB_SRC_TWINS = (
     "lists='/etc/apt/sources.list /etc/apt/sources.list.d/*.list"
     " /etc/apt/sources.list.d/*.sources'; "
@@ -202,7 +203,9 @@ def _prepare(
         create = f"dpkg-source -x {q(scratch + '/' + os.path.basename(package.path))} src"
     elif package.kind == "apt-source":
         _ensure_command(testbed, "dpkg-source", "dpkg-dev", console, limits)
-        create = f"{DEB_SRC_TWINS}; apt-get source -q --only-source {q(package.path)}"
+        create = f"apt-get source -q --only-source {q(package.path)}"
+        if Cap.REVERT_FULL_SYSTEM in testbed.caps:  # throwaway: never the user's own apt
+            create = f"{DEB_SRC_TWINS}; {create}"
     elif package.kind == "git-source":
         _ensure_command(testbed, "git", "git", console, limits)
         if package.path.startswith("https://"):
