@@ -29,6 +29,11 @@ from pathlib import Path
 
 from nestbed.image import BuildOptions, ensure_image
 
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(1, str(REPO / "tests"))  # bench/ itself is sys.path[0]
+
+from tests_support import write_package  # noqa: E402
+
 TESTS = 6
 SECONDS = 5
 CPU_MIB = 240
@@ -41,17 +46,10 @@ KINDS = {
 
 
 def make_package(root: Path, command: str) -> Path:
-    (root / "debian" / "tests").mkdir(parents=True)
-    (root / "debian" / "control").write_text("Source: bench\nMaintainer: b <b@localhost>\n")
-    (root / "debian" / "changelog").write_text(
-        "bench (1.0) unstable; urgency=medium\n\n  * Bench.\n\n"
-        " -- b <b@localhost>  Fri, 04 Dec 2026 06:00:00 +0000\n"
-    )
     stanzas = [
         f"Test-Command: {command}\nFeatures: test-name=t{i}\nDepends:\n" for i in range(TESTS)
     ]
-    (root / "debian" / "tests" / "control").write_text("\n".join(stanzas))
-    return root
+    return write_package(root, {}, "\n".join(stanzas))
 
 
 def timed(argv: list[str]) -> float:

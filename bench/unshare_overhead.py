@@ -27,22 +27,20 @@ from pathlib import Path
 
 from nestbed.container.tarball import ensure_tarball, host_arch, host_release
 
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(1, str(REPO / "tests"))  # bench/ itself is sys.path[0]
+
+from tests_support import write_package  # noqa: E402
+
 COUNTS = (1, 10)
 
 
 def make_package(root: Path, tests: int, breaks: bool) -> Path:
-    (root / "debian" / "tests").mkdir(parents=True)
-    (root / "debian" / "control").write_text("Source: bench\nMaintainer: b <b@localhost>\n")
-    (root / "debian" / "changelog").write_text(
-        "bench (1.0) unstable; urgency=medium\n\n  * Bench.\n\n"
-        " -- b <b@localhost>  Thu, 26 Nov 2026 06:00:00 +0000\n"
-    )
     extra = "Restrictions: breaks-testbed\n" if breaks else ""
     stanzas = [
         f"Test-Command: true\nFeatures: test-name=t{i}\nDepends:\n{extra}" for i in range(tests)
     ]
-    (root / "debian" / "tests" / "control").write_text("\n".join(stanzas))
-    return root
+    return write_package(root, {}, "\n".join(stanzas))
 
 
 def timed(argv: list[str]) -> float:
