@@ -111,6 +111,11 @@ class LineHandler(logging.Handler):
         self.sink(line.encode("UTF-8", "replace"))
 
 
+def shown_level(*, debug: bool, quiet: bool) -> int:
+    """The least level of the lines shown: debug lines only with `debug`, no info with `quiet`."""
+    return logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+
+
 _handler: LineHandler | None = None
 _setup_lock = threading.Lock()
 
@@ -135,7 +140,7 @@ def setup(
             root.removeHandler(_handler)
         _handler = handler
         root.addHandler(handler)
-        root.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
+        root.setLevel(shown_level(debug=debug, quiet=quiet))
         root.propagate = False  # our lines are ours; a library's own logging is not touched
     return root
 
@@ -244,10 +249,7 @@ class HeldConsole(Console):
             (target.write_stdout if to_stdout else target.write_stderr)(data)
 
     def _line(self, level: int, text: str) -> None:
-        shown = logging.DEBUG if self.verbosity >= DEBUG else logging.INFO
-        if self.verbosity <= QUIET:
-            shown = logging.WARNING
-        if level >= shown:
+        if level >= shown_level(debug=self.verbosity >= DEBUG, quiet=self.verbosity <= QUIET):
             record = logging.makeLogRecord({"msg": text, "levelno": level, "args": None})
             self.write_stderr((self._formatter.format(record) + "\n").encode("UTF-8", "replace"))
 
