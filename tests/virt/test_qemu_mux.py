@@ -100,16 +100,25 @@ def test_concurrent_helpers(rig: Rig) -> None:
 def test_killed_helper_kills_the_command(rig: Rig, tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     proc = subprocess.Popen([*rig.prefix(), "sh", "-c", f"echo $$ > {pidfile}; exec sleep 100"])
-    deadline = time.monotonic() + 10
-    while not pidfile.exists() or not pidfile.read_text().strip():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    pid = int(pidfile.read_text())
+    pid = _started(pidfile)
     proc.kill()
     proc.wait()
+    _ends(pid, "the command outlived its helper")
+
+
+def _started(pidfile: Path) -> int:
+    """The pid a command wrote into `pidfile` once it started."""
+    deadline = time.monotonic() + 10
+    while not pidfile.exists() or not pidfile.read_text().strip():
+        assert time.monotonic() < deadline, "the command did not start"
+        time.sleep(0.05)
+    return int(pidfile.read_text())
+
+
+def _ends(pid: int, why: str) -> None:
     deadline = time.monotonic() + 10
     while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
-        assert time.monotonic() < deadline, "the command outlived its helper"
+        assert time.monotonic() < deadline, why
         time.sleep(0.05)
 
 
@@ -145,16 +154,10 @@ def test_a_command_streamed_from_this_process(rig: Rig, tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     script = f"echo $$ > {pidfile}; exec sleep 100"
     here = start("sh", "-c", script)
-    deadline = time.monotonic() + 10
-    while not pidfile.exists() or not pidfile.read_text().strip():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    pid = int(pidfile.read_text())
+    pid = _started(pidfile)
     here.kill()
     assert here.wait(10) == EXIT_HELPER_FAILED
-    while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
-        assert time.monotonic() < deadline + 10, "the command outlived its connection"
-        time.sleep(0.05)
+    _ends(pid, "the command outlived its connection")
     here.signal(signal.SIGTERM)  # after the end: nothing to do, no error
 
     err.clear()
